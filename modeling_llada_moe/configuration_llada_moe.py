@@ -1,0 +1,247 @@
+"""LLaDA-MoE configuration.
+
+Reads the official `config.json` of `inclusionAI/LLaDA-MoE-7B-A1B-*` unchanged (its `model_type` is `"llada"`); the
+defaults are the 7B-A1B values. Every field is either honoured by the model or rejected with a `ValueError` that
+names it: nothing in the file is silently ignored.
+"""
+
+from typing import Any, ClassVar
+
+from transformers.activations import ACT2FN
+from transformers.configuration_utils import PreTrainedConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+
+ROUTER_SCORE_FUNCTIONS = ("softmax", "sigmoid")
+# `model_type` of the official config.json (shared with dense LLaDA-8B).
+OFFICIAL_MODEL_TYPE = "llada"
+
+
+class LLaDAMoEConfig(PreTrainedConfig):
+    r"""
+    Configuration of a LLaDA-MoE masked-diffusion model (bidirectional attention, sparse SwiGLU experts).
+
+    Args:
+        vocab_size (`int`, defaults to 157184): rows of the embedding and of `lm_head`.
+        hidden_size (`int`, defaults to 2048): model width H.
+        dense_intermediate_size (`int`, defaults to 8192): width of the SwiGLU MLP of dense layers
+            (`moe_layer_freq[i] == 0`); unused when every layer is MoE, as in the 7B.
+        expert_intermediate_size (`int`, defaults to 1024): width I of each routed expert.
+        shared_expert_intermediate_size (`int`, *optional*): width of an always-on shared expert added to the MLP
+            output of every layer; `None` (the 7B) builds none.
+        num_hidden_layers (`int`, defaults to 16), num_attention_heads (`int`, defaults to 16),
+        num_key_value_heads (`int`, *optional*): `None` means multi-head attention (as many KV heads as heads).
+        hidden_act (`str`, defaults to `"silu"`): activation of the SwiGLU gate.
+        max_position_embeddings (`int`, defaults to 8192): longest sequence the RoPE was trained for.
+        rms_norm_eps (`float`, defaults to 1e-5): epsilon of every RMSNorm, the q/k norms included.
+        rope_parameters (`dict`, *optional*): RoPE settings; the official keys `rope_theta` (50000),
+            `rope_scaling` and `partial_rotary_factor` are accepted and folded in here.
+        attention_bias (`bool`, defaults to `False`), attention_dropout (`float`, defaults to 0.0),
+        clip_qkv (`float`, *optional*): clamp q, k and v to +-clip_qkv after the q/k norms.
+        qk_layernorm (`bool`, defaults to `True`): RMSNorm over head_dim on queries and keys before RoPE.
+        num_experts (`int`, defaults to 64), num_experts_per_tok (`int`, defaults to 8): routed experts and top-k.
+        moe_layer_freq (`list[int]`, *optional*): one 0/1 flag per layer, 1 = MoE layer, 0 = dense MLP layer;
+            `None` means every layer is MoE.
+        norm_topk_prob (`bool`, defaults to `False`): renormalise the top-k routing weights to sum to 1.
+        routed_scaling_factor (`float`, defaults to 1.0): multiplies the routing weights.
+        moe_router_score_function (`str`, defaults to `"softmax"`): `"softmax"` over all experts or `"sigmoid"`.
+        moe_router_enable_expert_bias (`bool`, defaults to `False`): a per-expert bias buffer added to the router
+            scores; as in the official code the biased scores are also the mixing weights.
+        router_num_group, router_topk_group (`int`, *optional*): group-limited routing is not implemented (the
+            official code ignores these fields); only `None` is accepted.
+        output_router_logits (`bool`, defaults to `False`): return router logits and add the auxiliary losses.
+        router_aux_loss_coef (`float`, defaults to 0.01): weight of the load-balancing loss.
+        router_z_loss_coef (`float`, defaults to 0.001): weight of the router z-loss.
+        mask_token_id (`int`, defaults to 156895): the `<|mask|>` token of the diffusion process (not a key of the
+            official file, which hard-codes it in its samplers).
+        pad_token_id, eos_token_id (defaults to 156892, `<|endoftext|>`), bos_token_id (*optional*).
+        tie_word_embeddings (`bool`, defaults to `False`).
+    """
+
+    model_type = "llada_moe"
+    keys_to_ignore_at_inference: ClassVar[list[str]] = ["past_key_values"]
+    attribute_map: ClassVar[dict[str, str]] = {"num_local_experts": "num_experts"}
+    default_theta = 50_000.0
+
+    # q/k/v are split by whole heads, so the per-head q/k norms stay local to a rank. Experts are replicated: their
+    # flattened [E*2I, H] containers are not sharded (see README, "Tensor parallelism").
+    base_model_tp_plan: ClassVar[dict[str, str]] = {
+        "layers.*.self_attn.q_proj": "colwise",
+        "layers.*.self_attn.k_proj": "colwise",
+        "layers.*.self_attn.v_proj": "colwise",
+        "layers.*.self_attn.o_proj": "rowwise",
+    }
+    base_model_pp_plan: ClassVar[dict[str, Any]] = {
+        "embed_tokens": (["input_ids"], ["inputs_embeds"]),
+        "layers": (["hidden_states", "attention_mask"], ["hidden_states"]),
+        "norm": (["hidden_states"], ["hidden_states"]),
+    }
+
+    vocab_size: int = 157184
+    hidden_size: int = 2048
+    dense_intermediate_size: int = 8192
+    expert_intermediate_size: int = 1024
+    shared_expert_intermediate_size: int | None = None
+    num_hidden_layers: int = 16
+    num_attention_heads: int = 16
+    num_key_value_heads: int | None = None
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 8192
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-5
+    use_cache: bool = False
+    pad_token_id: int | None = 156892
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = 156892
+    mask_token_id: int | None = 156895
+    tie_word_embeddings: bool = False
+    rope_parameters: dict | None = None
+    attention_bias: bool = False
+    attention_dropout: float = 0.0
+    clip_qkv: float | None = None
+    qk_layernorm: bool = True
+    num_experts: int = 64
+    num_experts_per_tok: int = 8
+    moe_layer_freq: list[int] | None = None
+    norm_topk_prob: bool = False
+    routed_scaling_factor: float = 1.0
+    moe_router_score_function: str = "softmax"
+    moe_router_enable_expert_bias: bool = False
+    router_num_group: int | None = None
+    router_topk_group: int | None = None
+    output_router_logits: bool = False
+    router_aux_loss_coef: float = 0.01
+    router_z_loss_coef: float = 0.001
+
+    def __post_init__(self, **kwargs):
+        # `model_type` is the class's; a value read from a file is not a setting of the model.
+        kwargs.pop("model_type", None)
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.moe_layer_freq is None:
+            self.moe_layer_freq = [1] * self.num_hidden_layers
+        super().__post_init__(**kwargs)
+        self._validate()
+
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs) -> tuple[dict[str, Any], dict[str, Any]]:
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        if config_dict.get("model_type") == OFFICIAL_MODEL_TYPE:
+            # The official file says "llada", a name dense LLaDA-8B shares: accept it only with MoE fields.
+            if "num_experts" not in config_dict or "expert_intermediate_size" not in config_dict:
+                raise ValueError(
+                    f"{pretrained_model_name_or_path}: model_type 'llada' without `num_experts` / "
+                    "`expert_intermediate_size` is dense LLaDA, not LLaDA-MoE; this package loads LLaDA-MoE only."
+                )
+            # Its `auto_map` names the official remote files, not this package's: drop it (saving writes ours).
+            config_dict = {key: value for key, value in config_dict.items() if key != "auto_map"}
+            config_dict["model_type"] = cls.model_type
+        return config_dict, kwargs
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one attention head; the official model derives it as hidden_size // num_attention_heads."""
+        return self.hidden_size // self.num_attention_heads
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """Whether layer `layer_idx` routes through experts (True) or is a dense SwiGLU MLP (False)."""
+        return bool(self.moe_layer_freq[layer_idx])
+
+    def _validate(self) -> None:
+        def fail(field: str, value: Any, accepted: str) -> None:
+            raise ValueError(f"LLaDAMoEConfig: `{field}`={value!r} is invalid; expected {accepted}.")
+
+        positive = [
+            "vocab_size",
+            "hidden_size",
+            "expert_intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "max_position_embeddings",
+            "num_experts",
+            "num_experts_per_tok",
+        ]
+        for field in positive:
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                fail(field, value, "a positive integer")
+        if self.hidden_size % self.num_attention_heads:
+            fail(
+                "num_attention_heads",
+                self.num_attention_heads,
+                f"a divisor of hidden_size={self.hidden_size} (head_dim = hidden_size / num_attention_heads)",
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            fail(
+                "num_key_value_heads",
+                self.num_key_value_heads,
+                f"a divisor of num_attention_heads={self.num_attention_heads}",
+            )
+        if self.num_experts_per_tok > self.num_experts:
+            fail("num_experts_per_tok", self.num_experts_per_tok, f"at most num_experts={self.num_experts}")
+
+        freq = self.moe_layer_freq
+        if not isinstance(freq, (list, tuple)) or len(freq) != self.num_hidden_layers:
+            fail("moe_layer_freq", freq, f"a list of num_hidden_layers={self.num_hidden_layers} flags (1=MoE, 0=dense)")
+        if any(flag not in (0, 1) or isinstance(flag, float) for flag in freq):
+            fail("moe_layer_freq", freq, "entries 0 (dense MLP layer) or 1 (MoE layer)")
+        self.moe_layer_freq = [int(flag) for flag in freq]
+        if 0 in self.moe_layer_freq and (
+            not isinstance(self.dense_intermediate_size, int) or self.dense_intermediate_size <= 0
+        ):
+            fail("dense_intermediate_size", self.dense_intermediate_size, "a positive integer when a layer is dense")
+        shared = self.shared_expert_intermediate_size
+        if shared is not None and (isinstance(shared, bool) or not isinstance(shared, int) or shared <= 0):
+            fail("shared_expert_intermediate_size", shared, "a positive integer, or null for no shared expert")
+
+        if self.hidden_act not in ACT2FN:
+            fail("hidden_act", self.hidden_act, f"one of {sorted(ACT2FN)}")
+        if not self.rms_norm_eps > 0:
+            fail("rms_norm_eps", self.rms_norm_eps, "a positive float")
+        if not 0.0 <= self.attention_dropout < 1.0:
+            fail("attention_dropout", self.attention_dropout, "a float in [0, 1)")
+        if self.clip_qkv is not None and not self.clip_qkv > 0:
+            fail("clip_qkv", self.clip_qkv, "a positive float or null")
+        if self.moe_router_score_function not in ROUTER_SCORE_FUNCTIONS:
+            fail("moe_router_score_function", self.moe_router_score_function, f"one of {ROUTER_SCORE_FUNCTIONS}")
+        if not self.routed_scaling_factor > 0:
+            fail("routed_scaling_factor", self.routed_scaling_factor, "a positive float")
+        for field in ("router_num_group", "router_topk_group"):
+            if getattr(self, field) is not None:
+                fail(field, getattr(self, field), "null: group-limited routing is not implemented by LLaDA-MoE")
+        for field in ("router_aux_loss_coef", "router_z_loss_coef"):
+            if not getattr(self, field) >= 0:
+                fail(field, getattr(self, field), "a non-negative float")
+        for field in ("pad_token_id", "bos_token_id", "mask_token_id"):
+            value = getattr(self, field)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                fail(field, value, "a non-negative token id or null")
+        self._validate_rope()
+
+    def _validate_rope(self) -> None:
+        rope = self.rope_parameters or {}
+        rope_type = rope.get("rope_type", "default")
+        if rope_type != "default" and rope_type not in ROPE_INIT_FUNCTIONS:
+            raise ValueError(
+                f"LLaDAMoEConfig: `rope_parameters.rope_type`={rope_type!r} is invalid; expected 'default' or one of "
+                f"{sorted(ROPE_INIT_FUNCTIONS)}."
+            )
+        theta = rope.get("rope_theta")
+        if theta is None or isinstance(theta, bool) or not theta > 0:
+            raise ValueError(f"LLaDAMoEConfig: `rope_theta`={theta!r} is invalid; expected a positive float.")
+        factor = rope.get("partial_rotary_factor", 1.0)
+        if factor is None or not 0.0 < factor <= 1.0 or int(self.head_dim * factor) % 2:
+            raise ValueError(
+                f"LLaDAMoEConfig: `partial_rotary_factor`={factor!r} is invalid; expected a float in (0, 1] giving an "
+                f"even rotary width (head_dim={self.head_dim})."
+            )
+        if rope_type != "default":
+            # transformers validates the keys each scaled RoPE needs (factor, original length, ...).
+            try:
+                self.validate_rope()
+            except (KeyError, TypeError) as err:
+                raise ValueError(f"LLaDAMoEConfig: `rope_parameters`={rope!r} is invalid: {err}") from err
+
+
+__all__ = ["LLaDAMoEConfig"]

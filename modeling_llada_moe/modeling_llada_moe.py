@@ -1,0 +1,745 @@
+"""LLaDA-MoE: a masked-diffusion language model with bidirectional attention and sparse SwiGLU experts.
+
+Reads top to bottom in the order data flows: rotary helpers, attention, experts, router, MoE block, decoder layer,
+pre-trained base, trunk and masked-LM head. The math follows the official `modeling_lladamoe.py` (see
+`shared/reference/architecture.md` §3) with three deliberate differences: a 2-D `attention_mask` is honoured as a
+key-padding mask, the router runs in fp32, and `labels` / `output_router_logits` work.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationConfig
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.dynamic_module_utils import get_relative_import_files
+from transformers.integrations import use_experts_implementation
+from transformers.masking_utils import create_bidirectional_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import MoeModelOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
+from transformers.utils import ModelOutput, can_return_tuple
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+
+from .checkpoint_conversion import register_expert_conversion
+from .configuration_llada_moe import LLaDAMoEConfig
+
+
+register_expert_conversion(LLaDAMoEConfig.model_type)
+
+
+class LLaDAMoERMSNorm(nn.Module):
+    """RMSNorm with statistics in fp32, cast back to the input dtype before the weight multiply (OLMoE order)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+class LLaDAMoERotaryEmbedding(nn.Module):
+    def __init__(self, config: LLaDAMoEConfig):
+        super().__init__()
+        self.max_seq_len_cached = config.max_position_embeddings
+        self.original_max_seq_len = config.max_position_embeddings
+        self.config = config
+        self.rope_type = config.rope_parameters["rope_type"]
+        rope_init_fn: Callable = self.compute_default_rope_parameters
+        if self.rope_type != "default":
+            rope_init_fn = ROPE_INIT_FUNCTIONS[self.rope_type]
+        inv_freq, self.attention_scaling = rope_init_fn(config)
+        self.inv_freq = nn.Buffer(inv_freq, persistent=False)
+        self.original_inv_freq = nn.Buffer(inv_freq.clone(), persistent=False)
+
+    @staticmethod
+    def compute_default_rope_parameters(config: LLaDAMoEConfig, **kwargs) -> tuple[torch.Tensor, float]:
+        """inv_freq_j = theta^(-2j/d) over the rotary width d = head_dim * partial_rotary_factor."""
+        base = config.rope_parameters["rope_theta"]
+        dim = int(config.head_dim * config.rope_parameters.get("partial_rotary_factor", 1.0))
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float) / dim))
+        return inv_freq, 1.0
+
+    @torch.no_grad()
+    @dynamic_rope_update
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = emb.cos() * self.attention_scaling
+        sin = emb.sin() * self.attention_scaling
+        return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate the first `cos.shape[-1]` dims of q and k (non-interleaved halves); the rest pass through."""
+    cos = cos.unsqueeze(unsqueeze_dim)
+    sin = sin.unsqueeze(unsqueeze_dim)
+    rotary_dim = cos.shape[-1]
+    q_rot, q_pass = q[..., :rotary_dim], q[..., rotary_dim:]
+    k_rot, k_pass = k[..., :rotary_dim], k[..., rotary_dim:]
+    q_embed = torch.cat(((q_rot * cos) + (rotate_half(q_rot) * sin), q_pass), dim=-1)
+    k_embed = torch.cat(((k_rot * cos) + (rotate_half(k_rot) * sin), k_pass), dim=-1)
+    return q_embed, k_embed
+
+
+def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """[B, kv_heads, T, D] -> [B, kv_heads * n_rep, T, D]."""
+    if n_rep == 1:
+        return hidden_states
+    batch, num_key_value_heads, slen, head_dim = hidden_states.shape
+    hidden_states = hidden_states[:, :, None, :, :].expand(batch, num_key_value_heads, n_rep, slen, head_dim)
+    return hidden_states.reshape(batch, num_key_value_heads * n_rep, slen, head_dim)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    key_states = repeat_kv(key, module.num_key_value_groups)
+    value_states = repeat_kv(value, module.num_key_value_groups)
+    attn_weights = torch.matmul(query, key_states.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value_states)
+    return attn_output.transpose(1, 2).contiguous(), attn_weights
+
+
+class LLaDAMoEAttention(nn.Module):
+    """Bidirectional multi-head attention with per-head q/k RMSNorm before RoPE."""
+
+    def __init__(self, config: LLaDAMoEConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = False
+        self.q_proj = nn.Linear(config.hidden_size, config.num_attention_heads * self.head_dim, config.attention_bias)
+        self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, config.attention_bias)
+        self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, config.attention_bias)
+        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, config.attention_bias)
+        if config.qk_layernorm:
+            # One [head_dim] weight shared by all heads, as in the checkpoint.
+            self.q_norm = LLaDAMoERMSNorm(self.head_dim, eps=config.rms_norm_eps)
+            self.k_norm = LLaDAMoERMSNorm(self.head_dim, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        query_states = self.q_proj(hidden_states).view(hidden_shape)
+        key_states = self.k_proj(hidden_states).view(hidden_shape)
+        value_states = self.v_proj(hidden_states).view(hidden_shape)
+        if self.config.qk_layernorm:
+            query_states = self.q_norm(query_states)
+            key_states = self.k_norm(key_states)
+        if self.config.clip_qkv is not None:
+            clip = self.config.clip_qkv
+            query_states = query_states.clamp(-clip, clip)
+            key_states = key_states.clamp(-clip, clip)
+            value_states = value_states.clamp(-clip, clip)
+
+        query_states = query_states.transpose(1, 2)
+        key_states = key_states.transpose(1, 2)
+        value_states = value_states.transpose(1, 2)
+        cos, sin = position_embeddings
+        query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
+        if past_key_values is not None:
+            key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query_states,
+            key_states,
+            value_states,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            is_causal=False,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        return self.o_proj(attn_output), attn_weights
+
+
+class LLaDAMoEMLP(nn.Module):
+    """SwiGLU MLP: the dense layers (`moe_layer_freq[i] == 0`) and the optional shared expert."""
+
+    def __init__(self, config: LLaDAMoEConfig, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+def expert_container_weight(linear: nn.Linear) -> torch.Tensor:
+    """The dense weight of an expert container; the one place a quantized container is dequantized."""
+    return linear.weight
+
+
+@use_experts_implementation
+class LLaDAMoEExperts(nn.Module):
+    """Routed SwiGLU experts, stored as two exact `nn.Linear` containers and exposed as 3-D stacks.
+
+    `gate_up.weight` is [E*2I, H] (expert e: gate rows, then up rows) and `down.weight` is [E*H, I]. Plain
+    `nn.Linear` modules are what bitsandbytes quantizes; `gate_up_proj` [E, 2I, H] and `down_proj` [E, H, I] are the
+    views every experts implementation (eager, grouped_mm, batched_mm, fused kernels) reads.
+    """
+
+    def __init__(self, config: LLaDAMoEConfig):
+        super().__init__()
+        self.num_experts = config.num_experts
+        self.hidden_dim = config.hidden_size
+        self.intermediate_dim = config.expert_intermediate_size
+        self.gate_up = nn.Linear(self.hidden_dim, self.num_experts * 2 * self.intermediate_dim, bias=False)
+        self.down = nn.Linear(self.intermediate_dim, self.num_experts * self.hidden_dim, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    @property
+    def gate_up_proj(self) -> torch.Tensor:
+        return expert_container_weight(self.gate_up).view(self.num_experts, 2 * self.intermediate_dim, self.hidden_dim)
+
+    @property
+    def down_proj(self) -> torch.Tensor:
+        return expert_container_weight(self.down).view(self.num_experts, self.hidden_dim, self.intermediate_dim)
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        # Expert-by-expert loop accumulating in expert-id order, like the official block (same bf16 rounding).
+        final_hidden_states = torch.zeros_like(hidden_states)
+        gate_up_proj, down_proj = self.gate_up_proj, self.down_proj
+        with torch.no_grad():
+            expert_mask = F.one_hot(top_k_index, num_classes=self.num_experts).permute(2, 1, 0)
+            expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
+        for expert_idx in expert_hit:
+            expert_idx = expert_idx[0]
+            top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
+            current_state = hidden_states[token_idx]
+            gate, up = F.linear(current_state, gate_up_proj[expert_idx]).chunk(2, dim=-1)
+            current_hidden_states = F.linear(self.act_fn(gate) * up, down_proj[expert_idx])
+            current_hidden_states = current_hidden_states * top_k_weights[token_idx, top_k_pos, None]
+            final_hidden_states.index_add_(0, token_idx, current_hidden_states.to(final_hidden_states.dtype))
+        return final_hidden_states
+
+
+class LLaDAMoETopKRouter(nn.Module):
+    """fp32 router: scores over all experts, top-k, optional renormalisation and scaling (none by default)."""
+
+    def __init__(self, config: LLaDAMoEConfig):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.num_experts = config.num_experts
+        self.hidden_dim = config.hidden_size
+        self.norm_topk_prob = config.norm_topk_prob
+        self.routed_scaling_factor = config.routed_scaling_factor
+        self.score_function = config.moe_router_score_function
+        self.weight = nn.Parameter(torch.zeros(self.num_experts, self.hidden_dim))
+
+    def forward(
+        self, hidden_states: torch.Tensor, expert_bias: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns fp32 router logits [N, E], routing weights [N, k] in the input dtype and expert ids [N, k]."""
+        hidden_states = hidden_states.reshape(-1, self.hidden_dim)
+        router_logits = F.linear(hidden_states.float(), self.weight.float())
+        if self.score_function == "softmax":
+            scores = router_logits.softmax(dim=-1)
+        else:
+            scores = router_logits.sigmoid()
+        if expert_bias is not None:
+            # Official semantics: the biased scores both select the experts and weight their outputs.
+            scores = scores + expert_bias.float()
+        top_value, top_index = torch.topk(scores, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            top_value = top_value / top_value.sum(dim=-1, keepdim=True)
+        if self.routed_scaling_factor != 1.0:
+            top_value = top_value * self.routed_scaling_factor
+        return router_logits, top_value.to(hidden_states.dtype), top_index
+
+
+class LLaDAMoESparseMoeBlock(nn.Module):
+    def __init__(self, config: LLaDAMoEConfig):
+        super().__init__()
+        self.gate = LLaDAMoETopKRouter(config)
+        self.experts = LLaDAMoEExperts(config)
+        if config.moe_router_enable_expert_bias:
+            self.expert_bias = nn.Buffer(torch.zeros(config.num_experts, dtype=torch.float32))
+        else:
+            self.expert_bias = None
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        batch_size, sequence_length, hidden_dim = hidden_states.shape
+        hidden_states = hidden_states.reshape(-1, hidden_dim)
+        _, top_k_weights, top_k_index = self.gate(hidden_states, self.expert_bias)
+        final_hidden_states = self.experts(hidden_states, top_k_index, top_k_weights)
+        return final_hidden_states.reshape(batch_size, sequence_length, hidden_dim)
+
+
+class LLaDAMoEDecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm block: h + Attn(norm(h)), then h + MLP(norm(h)) where MLP is the MoE block or a dense SwiGLU,
+    plus the shared expert when configured."""
+
+    def __init__(self, config: LLaDAMoEConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = LLaDAMoEAttention(config, layer_idx)
+        if config.is_moe_layer(layer_idx):
+            self.mlp = LLaDAMoESparseMoeBlock(config)
+        else:
+            self.mlp = LLaDAMoEMLP(config, config.dense_intermediate_size)
+        # Like the official layer, the shared expert hangs on the decoder layer (not under `mlp`) of every layer.
+        if config.shared_expert_intermediate_size is not None:
+            self.shared_expert = LLaDAMoEMLP(config, config.shared_expert_intermediate_size)
+        self.input_layernorm = LLaDAMoERMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = LLaDAMoERMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states = self.input_layernorm(hidden_states)
+        hidden_states, _ = self.self_attn(
+            hidden_states=hidden_states,
+            attention_mask=attention_mask,
+            position_embeddings=position_embeddings,
+            past_key_values=past_key_values,
+            **kwargs,
+        )
+        hidden_states = residual + hidden_states
+
+        residual = hidden_states
+        hidden_states = self.post_attention_layernorm(hidden_states)
+        mlp_output = self.mlp(hidden_states)
+        if hasattr(self, "shared_expert"):
+            mlp_output = mlp_output + self.shared_expert(hidden_states)
+        return residual + mlp_output
+
+
+MODEL_FILES_AUTO_MAP = {
+    "AutoConfig": "configuration_llada_moe.LLaDAMoEConfig",
+    "AutoModel": "modeling_llada_moe.LLaDAMoEForMaskedLM",
+    "AutoModelForMaskedLM": "modeling_llada_moe.LLaDAMoEForMaskedLM",
+}
+
+
+class LLaDAMoEPreTrainedModel(PreTrainedModel):
+    config: LLaDAMoEConfig
+    config_class = LLaDAMoEConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["LLaDAMoEDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    # The router (`mlp.gate`) and the expert bias stay fp32 under bf16/fp16 and are never quantized. The lookahead
+    # keeps the pattern off the dense MLP's `mlp.gate_proj`; the leading `.*` lets bitsandbytes' anchored match find it.
+    _keep_in_fp32_modules = [r".*mlp\.gate(?=\.|$)", r".*mlp\.expert_bias"]
+    _keep_in_fp32_modules_strict = [r".*mlp\.gate(?=\.|$)", r".*mlp\.expert_bias"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False
+    _can_record_outputs = {
+        "router_logits": OutputRecorder(LLaDAMoETopKRouter, index=0),
+        "hidden_states": LLaDAMoEDecoderLayer,
+        "attentions": LLaDAMoEAttention,
+    }
+
+    @classmethod
+    def _can_set_experts_implementation(cls) -> bool:
+        # transformers looks for the decorator in the source file of the model class; say it directly instead.
+        return True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, LLaDAMoETopKRouter):
+            init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+        elif isinstance(module, LLaDAMoESparseMoeBlock) and module.expert_bias is not None:
+            init.zeros_(module.expert_bias)
+
+    def save_pretrained(self, save_directory: str | Path, *args, **kwargs) -> None:
+        """Save weights (official per-expert keys), config with `auto_map`, the model code, a generation config and a
+        model card, so the folder loads with `trust_remote_code=True` where this package is not installed."""
+        auto_map = dict(MODEL_FILES_AUTO_MAP)
+        if not isinstance(self, LLaDAMoEForMaskedLM):
+            auto_map["AutoModel"] = f"modeling_llada_moe.{type(self).__name__}"
+        self.config.auto_map = auto_map
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if not kwargs.get("is_main_process", True):
+            return
+        save_directory = Path(save_directory)
+        source = Path(__file__)
+        for path in [source, *get_relative_import_files(str(source))]:
+            shutil.copyfile(path, save_directory / Path(path).name)
+        if not (save_directory / "generation_config.json").exists():
+            self._default_generation_config().save_pretrained(save_directory)
+        if not (save_directory / "README.md").exists():
+            (save_directory / "README.md").write_text(model_card(self.config, type(self).__name__))
+
+    def _default_generation_config(self) -> GenerationConfig:
+        return GenerationConfig(
+            eos_token_id=self.config.eos_token_id,
+            pad_token_id=self.config.pad_token_id,
+            bos_token_id=self.config.bos_token_id,
+            mask_token_id=self.config.mask_token_id,
+        )
+
+
+class LLaDAMoEModel(LLaDAMoEPreTrainedModel):
+    """The trunk: embeddings, decoder layers and final norm; returns the normed hidden states."""
+
+    def __init__(self, config: LLaDAMoEConfig):
+        super().__init__(config)
+        # No padding_idx: the pad row is <|endoftext|>, which LLaDA fine-tuning trains on (the official
+        # padding_idx would freeze its gradient).
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            [LLaDAMoEDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
+        )
+        self.norm = LLaDAMoERMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = LLaDAMoERotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> MoeModelOutputWithPast:
+        r"""
+        attention_mask (`torch.Tensor` of shape `(batch, past + seq)`, *optional*):
+            1 for real tokens, 0 for padding. Padding is masked out as keys (attention stays bidirectional). When
+            `position_ids` is not given, positions count real tokens only, so a left-padded row sees the positions
+            it would have alone. A 4-D additive or boolean mask is used as given.
+        past_key_values (`Cache`, *optional*):
+            Keys/values of earlier tokens (after RoPE); the new tokens attend to them and to each other.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("LLaDAMoEModel.forward: pass exactly one of `input_ids` or `inputs_embeds`.")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+        batch_size, seq_len = inputs_embeds.shape[:2]
+
+        if attention_mask is not None and attention_mask.dim() == 2:
+            expected = (batch_size, past_seen + seq_len)
+            if tuple(attention_mask.shape) != expected:
+                raise ValueError(
+                    f"LLaDAMoEModel.forward: attention_mask has shape {tuple(attention_mask.shape)}; expected "
+                    f"{expected} (batch, cached + new tokens)."
+                )
+        if position_ids is None:
+            if attention_mask is not None and attention_mask.dim() == 2:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past_seen:]
+            else:
+                position_ids = torch.arange(seq_len, device=inputs_embeds.device).unsqueeze(0) + past_seen
+
+        mask = create_bidirectional_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+        )
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        for decoder_layer in self.layers:
+            hidden_states = decoder_layer(
+                hidden_states,
+                attention_mask=mask,
+                position_embeddings=position_embeddings,
+                past_key_values=past_key_values,
+                **kwargs,
+            )
+        hidden_states = self.norm(hidden_states)
+        return MoeModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+
+
+def _flat_token_mask(attention_mask: torch.Tensor | None, num_tokens: int) -> torch.Tensor | None:
+    """The [N] 0/1 weights of the tokens the router saw (the last columns of a mask that also covers a cache)."""
+    if attention_mask is None or attention_mask.dim() != 2:
+        return None
+    seq_len = num_tokens // attention_mask.shape[0]
+    return attention_mask[:, -seq_len:].reshape(-1).float()
+
+
+def load_balancing_loss(
+    router_logits: tuple[torch.Tensor, ...], num_experts: int, top_k: int, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Switch-style load-balancing loss: E * sum_e f_e * P_e over all MoE layers' tokens (padding excluded).
+
+    f_e is the fraction of top-k slots routed to expert e (summed over the k slots), P_e the mean router probability.
+    """
+    logits = torch.cat([layer_logits.float() for layer_logits in router_logits], dim=0)
+    probs = logits.softmax(dim=-1)
+    _, selected = torch.topk(probs, top_k, dim=-1)
+    counts = F.one_hot(selected, num_experts).float().sum(dim=1)  # [N, E]
+    weights = _flat_token_mask(attention_mask, router_logits[0].shape[0])
+    if weights is None:
+        weights = torch.ones(logits.shape[0], device=logits.device)
+    else:
+        weights = weights.to(logits.device).repeat(len(router_logits))
+    total = weights.sum().clamp(min=1.0)
+    tokens_per_expert = (counts * weights[:, None]).sum(0) / total
+    prob_per_expert = (probs * weights[:, None]).sum(0) / total
+    return num_experts * (tokens_per_expert * prob_per_expert).sum()
+
+
+def router_z_loss(router_logits: tuple[torch.Tensor, ...], attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over the MoE layers' (unpadded) tokens of logsumexp(router logits)^2."""
+    logits = torch.cat([layer_logits.float() for layer_logits in router_logits], dim=0)
+    z = torch.logsumexp(logits, dim=-1).square()
+    weights = _flat_token_mask(attention_mask, router_logits[0].shape[0])
+    if weights is None:
+        return z.mean()
+    weights = weights.to(z.device).repeat(len(router_logits))
+    return (z * weights).sum() / weights.sum().clamp(min=1.0)
+
+
+def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over positions whose label is not -100 (position-aligned: no shift); 0 if there are none."""
+    if labels.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"labels has shape {tuple(labels.shape)}; expected {tuple(logits.shape[:-1])}, one label per position "
+            "(-100 for positions without loss)."
+        )
+    labels = labels.to(logits.device)
+    total = F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
+    )
+    return total / (labels != -100).sum().clamp(min=1)
+
+
+@dataclass
+class LLaDAMoEMaskedLMOutput(ModelOutput):
+    """
+    loss: mean masked-position cross-entropy, plus `router_aux_loss_coef * aux_loss + router_z_loss_coef * z_loss`
+        when router logits are requested. aux_loss / z_loss: the load-balancing and router z-losses.
+    logits: [B, T, V] position-aligned scores, in the parameter dtype.
+    router_logits: one fp32 [B*T, E] tensor per MoE layer.
+    """
+
+    loss: torch.FloatTensor | None = None
+    aux_loss: torch.FloatTensor | None = None
+    z_loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    router_logits: tuple[torch.FloatTensor, ...] | None = None
+
+
+class LLaDAMoEForMaskedLM(LLaDAMoEPreTrainedModel):
+    """Trunk + `lm_head`: position-aligned token scores for masked-diffusion decoding and training."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+
+    def __init__(self, config: LLaDAMoEConfig):
+        super().__init__(config)
+        self.model = LLaDAMoEModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
+        self.lm_head = new_embeddings
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_router_logits: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> LLaDAMoEMaskedLMOutput:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch, seq)`, *optional*):
+            Target ids at the positions to score and -100 elsewhere; `loss` is their mean cross-entropy.
+        output_router_logits (`bool`, *optional*):
+            Return each MoE layer's router logits and add the weighted load-balancing and z-losses to `loss`.
+        logits_to_keep (`int` or `torch.Tensor`, *optional*):
+            Compute logits for the last `n` positions only (0 = all), or for the given position indices.
+        """
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
+        if output_router_logits and self._reentrant_checkpointing_active():
+            raise ValueError(
+                "output_router_logits=True under reentrant gradient checkpointing (use_reentrant=True): its first "
+                "forward runs without autograd, so the router losses would get no gradient. Enable checkpointing "
+                "with {'use_reentrant': False} (the transformers default) or disable the router losses."
+            )
+        outputs: MoeModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_router_logits=output_router_logits,
+            **kwargs,
+        )
+        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        logits = self.lm_head(hidden_states)
+
+        loss = masked_lm_loss(logits, labels) if labels is not None else None
+        aux_loss = z_loss = None
+        if output_router_logits and outputs.router_logits:
+            aux_loss = load_balancing_loss(
+                outputs.router_logits, self.config.num_experts, self.config.num_experts_per_tok, attention_mask
+            )
+            z_loss = router_z_loss(outputs.router_logits, attention_mask)
+            if loss is not None:
+                loss = loss + self.config.router_aux_loss_coef * aux_loss + self.config.router_z_loss_coef * z_loss
+
+        return LLaDAMoEMaskedLMOutput(
+            loss=loss,
+            aux_loss=aux_loss,
+            z_loss=z_loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            router_logits=outputs.router_logits,
+        )
+
+    def _reentrant_checkpointing_active(self) -> bool:
+        if not (self.training and torch.is_grad_enabled()):
+            return False
+        for layer in self.model.layers:
+            if layer.gradient_checkpointing:
+                keywords = getattr(getattr(layer, "_gradient_checkpointing_func", None), "keywords", {})
+                return bool(keywords.get("use_reentrant", True))
+        return False
+
+
+# The official class name, as in the checkpoint's `architectures`.
+LLaDAMoEModelLM = LLaDAMoEForMaskedLM
+
+
+def model_card(config: LLaDAMoEConfig, class_name: str) -> str:
+    """A model card README for a saved folder: usage with `trust_remote_code` and the architecture table."""
+    rows = [
+        ("layers", config.num_hidden_layers),
+        ("hidden size", config.hidden_size),
+        ("attention heads (KV heads)", f"{config.num_attention_heads} ({config.num_key_value_heads})"),
+        ("experts (top-k)", f"{config.num_experts} ({config.num_experts_per_tok})"),
+        ("expert intermediate size", config.expert_intermediate_size),
+        ("MoE layers", f"{sum(config.moe_layer_freq)} of {config.num_hidden_layers}"),
+        ("vocabulary", config.vocab_size),
+        ("RoPE theta", config.rope_parameters["rope_theta"]),
+        ("mask token id", config.mask_token_id),
+    ]
+    table = "\n".join(f"| {name} | {value} |" for name, value in rows)
+    return f"""---
+library_name: transformers
+tags:
+- llada-moe
+- masked-diffusion
+- mixture-of-experts
+- custom_code
+---
+
+# LLaDA-MoE ({class_name})
+
+A masked-diffusion language model with bidirectional attention and a sparse Mixture-of-Experts backbone, saved by
+the `llada-moe` package. The folder carries its model code, so it loads without the package installed.
+
+```python
+import torch
+from transformers import AutoModel
+
+model = AutoModel.from_pretrained("<this folder or repo>", trust_remote_code=True, dtype=torch.bfloat16)
+logits = model(input_ids).logits  # position-aligned scores; masked positions hold mask id {config.mask_token_id}
+```
+
+## Architecture
+
+| field | value |
+| --- | --- |
+{table}
+"""
+
+
+__all__ = [
+    "LLaDAMoEForMaskedLM",
+    "LLaDAMoEModel",
+    "LLaDAMoEModelLM",
+    "LLaDAMoEPreTrainedModel",
+]

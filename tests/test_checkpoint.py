@@ -139,11 +139,12 @@ def test_bf16_load_keeps_router_and_expert_bias_fp32(tmp_path):
     assert moe.experts.gate_up.weight.dtype == torch.bfloat16
     # The dense layer's `mlp.gate_proj` is not the router and stays bf16.
     assert model.model.layers[0].mlp.gate_proj.weight.dtype == torch.bfloat16
-    ids = torch.randint(0, 120, (2, 7))
+    ids = torch.randint(0, 120, (2, 7), generator=torch.Generator().manual_seed(0))
     logits = model(ids).logits
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
     expected, _ = reference_forward({k: v.float() for k, v in state_dict.items()}, config, ids)
-    assert (logits.float() - expected).abs().max().item() < 0.25
+    # bf16 activations against fp32 math on the same weights: ~1% mean error (a near-tie route may flip).
+    assert (logits.float() - expected).abs().mean().item() < 0.03
 
 
 def test_dense_llada_config_is_rejected(tmp_path):

@@ -3,6 +3,7 @@
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 
 from .configuration_llada_moe import LLaDAMoEConfig
+from .generation_utils import DiffusionBlockCache, DiffusionGenerateOutput, DiffusionGenerationConfig
 from .modeling_llada_moe import (
     LLaDAMoEForMaskedLM,
     LLaDAMoEMaskedLMOutput,
@@ -18,6 +19,9 @@ AutoModel.register(LLaDAMoEConfig, LLaDAMoEForMaskedLM, exist_ok=True)
 AutoModelForMaskedLM.register(LLaDAMoEConfig, LLaDAMoEForMaskedLM, exist_ok=True)
 
 __all__ = [
+    "DiffusionBlockCache",
+    "DiffusionGenerateOutput",
+    "DiffusionGenerationConfig",
     "LLaDAMoEConfig",
     "LLaDAMoEForMaskedLM",
     "LLaDAMoEMaskedLMOutput",

@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationConfig
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
@@ -33,6 +32,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .checkpoint_conversion import register_expert_conversion
 from .configuration_llada_moe import LLaDAMoEConfig
+from .generation_utils import DiffusionGenerationMixin
 
 
 register_expert_conversion(LLaDAMoEConfig.model_type)
@@ -411,8 +411,8 @@ class LLaDAMoEPreTrainedModel(PreTrainedModel):
             init.zeros_(module.expert_bias)
 
     def save_pretrained(self, save_directory: str | Path, *args, **kwargs) -> None:
-        """Save weights (official per-expert keys), config with `auto_map`, the model code, a generation config and a
-        model card, so the folder loads with `trust_remote_code=True` where this package is not installed."""
+        """Save weights (official per-expert keys), config with `auto_map`, the model code and a model card (the
+        generation config too, for the LM), so the folder loads with `trust_remote_code=True` anywhere."""
         auto_map = dict(MODEL_FILES_AUTO_MAP)
         if not isinstance(self, LLaDAMoEForMaskedLM):
             auto_map["AutoModel"] = f"modeling_llada_moe.{type(self).__name__}"
@@ -424,18 +424,8 @@ class LLaDAMoEPreTrainedModel(PreTrainedModel):
         source = Path(__file__)
         for path in [source, *get_relative_import_files(str(source))]:
             shutil.copyfile(path, save_directory / Path(path).name)
-        if not (save_directory / "generation_config.json").exists():
-            self._default_generation_config().save_pretrained(save_directory)
         if not (save_directory / "README.md").exists():
             (save_directory / "README.md").write_text(model_card(self.config, type(self).__name__))
-
-    def _default_generation_config(self) -> GenerationConfig:
-        return GenerationConfig(
-            eos_token_id=self.config.eos_token_id,
-            pad_token_id=self.config.pad_token_id,
-            bos_token_id=self.config.bos_token_id,
-            mask_token_id=self.config.mask_token_id,
-        )
 
 
 class LLaDAMoEModel(LLaDAMoEPreTrainedModel):
@@ -478,7 +468,9 @@ class LLaDAMoEModel(LLaDAMoEPreTrainedModel):
             `position_ids` is not given, positions count real tokens only, so a left-padded row sees the positions
             it would have alone. A 4-D additive or boolean mask is used as given.
         past_key_values (`Cache`, *optional*):
-            Keys/values of earlier tokens (after RoPE); the new tokens attend to them and to each other.
+            Keys/values (after RoPE) the new tokens attend to besides each other. `get_seq_length()` is the position
+            of the first new token and `get_mask_sizes()` the attended length: a `DynamicCache` appends, the
+            generator's `DiffusionBlockCache` replaces one block of a cached canvas.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("LLaDAMoEModel.forward: pass exactly one of `input_ids` or `inputs_embeds`.")
@@ -490,7 +482,8 @@ class LLaDAMoEModel(LLaDAMoEPreTrainedModel):
         batch_size, seq_len = inputs_embeds.shape[:2]
 
         if attention_mask is not None and attention_mask.dim() == 2:
-            expected = (batch_size, past_seen + seq_len)
+            kv_length = past_key_values.get_mask_sizes(seq_len, 0)[0] if past_key_values is not None else seq_len
+            expected = (batch_size, kv_length)
             if tuple(attention_mask.shape) != expected:
                 raise ValueError(
                     f"LLaDAMoEModel.forward: attention_mask has shape {tuple(attention_mask.shape)}; expected "
@@ -498,7 +491,8 @@ class LLaDAMoEModel(LLaDAMoEPreTrainedModel):
                 )
         if position_ids is None:
             if attention_mask is not None and attention_mask.dim() == 2:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past_seen:]
+                positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+                position_ids = positions[:, past_seen : past_seen + seq_len]
             else:
                 position_ids = torch.arange(seq_len, device=inputs_embeds.device).unsqueeze(0) + past_seen
 
@@ -596,7 +590,7 @@ class LLaDAMoEMaskedLMOutput(ModelOutput):
     router_logits: tuple[torch.FloatTensor, ...] | None = None
 
 
-class LLaDAMoEForMaskedLM(LLaDAMoEPreTrainedModel):
+class LLaDAMoEForMaskedLM(DiffusionGenerationMixin, LLaDAMoEPreTrainedModel):
     """Trunk + `lm_head`: position-aligned token scores for masked-diffusion decoding and training."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}

@@ -1,5 +1,6 @@
 """Shared fixtures: tiny LLaDA-MoE configs and models (hidden 64, 2 layers, 8 experts, top-2), built locally."""
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -7,6 +8,9 @@ import torch
 
 from modeling_llada_moe import LLaDAMoEConfig, LLaDAMoEForMaskedLM
 
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `benchmarks.tiny_task`: the trained tiny model tests and benchmarks share
 
 OFFICIAL_SMALL = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "official_small"
 TINY = dict(
@@ -44,6 +48,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def reversal_model() -> LLaDAMoEForMaskedLM:
+    """A tiny model trained for ~20 s on digit reversal: confident, context-dependent predictions."""
+    from benchmarks.tiny_task import train_reversal_model
+
+    return train_reversal_model()
 
 
 @pytest.fixture

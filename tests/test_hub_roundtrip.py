@@ -13,7 +13,13 @@ from transformers import GenerationConfig
 from modeling_llada_moe import LLaDAMoEForMaskedLM, LLaDAMoEModel
 
 
-MODEL_FILES = {"modeling_llada_moe.py", "configuration_llada_moe.py", "checkpoint_conversion.py"}
+MODEL_FILES = {
+    "modeling_llada_moe.py",
+    "configuration_llada_moe.py",
+    "checkpoint_conversion.py",
+    "generation_utils.py",
+    "forward_process.py",
+}
 
 
 def test_saved_folder_has_auto_map_code_generation_config_and_card(tmp_path):
@@ -59,6 +65,13 @@ REMOTE_LOAD = textwrap.dedent(
         with torch.no_grad():
             logits = model(expected["input_ids"], attention_mask=expected["attention_mask"]).logits
         assert torch.equal(logits, expected["logits"]), (logits - expected["logits"]).abs().max()
+        assert type(model.generation_config).__name__ == "DiffusionGenerationConfig"
+        generated = model.diffusion_generate(
+            expected["input_ids"], attention_mask=expected["attention_mask"], max_new_tokens=8, block_length=4
+        )
+        assert torch.equal(generated, expected["generated"]), generated
+        assert torch.equal(model.generate(expected["input_ids"][1:], max_new_tokens=8, block_length=4),
+                           expected["generated"][1:])
     print("remote-code load OK")
     """
 )
@@ -73,7 +86,9 @@ def test_remote_code_load_in_a_fresh_process_without_the_package(tmp_path):
     attention_mask[0, :3] = 0
     with torch.no_grad():
         logits = model(input_ids, attention_mask=attention_mask).logits
-    torch.save({"input_ids": input_ids, "attention_mask": attention_mask, "logits": logits}, tmp_path / "expected.pt")
+    generated = model.diffusion_generate(input_ids, attention_mask=attention_mask, max_new_tokens=8, block_length=4)
+    expected = {"input_ids": input_ids, "attention_mask": attention_mask, "logits": logits, "generated": generated}
+    torch.save(expected, tmp_path / "expected.pt")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
     env["HF_HUB_OFFLINE"] = "1"

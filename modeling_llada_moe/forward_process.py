@@ -1,0 +1,62 @@
+"""The masked-diffusion forward process: how many target tokens to mask, which ones, and the ELBO they give.
+
+One module for every user: `diffusion_loglikelihood` (lm-eval), and the SFT / VRPO trainers in `trl_ext`, which
+import it from here (saved Hub folders carry only this package, so it cannot live in `trl_ext`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def stratified_mask_counts(
+    target_length: int, num_samples: int, generator: torch.Generator | None = None, device=None
+) -> torch.Tensor:
+    """LLaDA's stratified masked-token counts for `num_samples` copies of one target of `target_length` tokens.
+
+    k ~ U{1..L}; counts = round(linspace(k, k + (n-1) L / n, n)) wrapped into [1, L], so the copies cover the noise
+    levels evenly. Returns a LongTensor [num_samples].
+    """
+    if target_length < 1:
+        raise ValueError(f"target_length={target_length}: the target must have at least one token")
+    start = torch.randint(1, target_length + 1, (1,), generator=generator).item()
+    counts = torch.linspace(start, start + (num_samples - 1) * target_length / num_samples, num_samples)
+    counts = counts.round().long()
+    return ((counts - 1) % target_length + 1).to(device)
+
+
+def mask_target_positions(
+    input_ids: torch.Tensor,
+    target_mask: torch.Tensor,
+    counts: torch.Tensor,
+    mask_token_id: int,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replace `counts[i]` uniformly chosen target positions of row i with the mask token.
+
+    `input_ids` [N, T]; `target_mask` [N, T] bool marks the positions that may be masked (never the prompt);
+    `counts` [N]. Returns (noisy_ids, masked) where `masked` [N, T] is the bool mask of replaced positions.
+    """
+    scores = torch.rand(input_ids.shape, generator=generator, dtype=torch.float32).to(input_ids.device)
+    scores = scores.masked_fill(~target_mask, float("inf"))
+    ranks = scores.argsort(dim=-1).argsort(dim=-1)
+    masked = (ranks < counts[:, None]) & target_mask
+    return input_ids.masked_fill(masked, mask_token_id), masked
+
+
+def masked_token_nll(logits: torch.Tensor, input_ids: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    """Per-row sum of the cross-entropy of the masked positions: [N] float32."""
+    nll = F.cross_entropy(logits.float().transpose(1, 2), input_ids, reduction="none")
+    return (nll * masked).sum(dim=-1)
+
+
+def elbo_weighted_nll(
+    logits: torch.Tensor, input_ids: torch.Tensor, masked: torch.Tensor, target_lengths: torch.Tensor
+) -> torch.Tensor:
+    """LLaDA's per-row ELBO term: masked cross-entropy weighted by 1/t, with t = masked count / target length.
+
+    An unbiased estimate of -log p(target | prompt) (an upper bound in expectation). Returns [N] float32.
+    """
+    counts = masked.sum(dim=-1).clamp(min=1).float()
+    return masked_token_nll(logits, input_ids, masked) * target_lengths.float() / counts

@@ -1,0 +1,695 @@
+"""`diffusion_generate` for LLaDA-MoE: semi-autoregressive masked-diffusion decoding.
+
+One sampling loop (`DiffusionGenerationMixin._decode_block`) calls small strategy functions: how many tokens a step
+commits (`transfer_schedule`, `select_by_quota`, `select_by_threshold`, `select_by_factor`), which token each masked
+position proposes (`propose_tokens`) and how confident it is (`confidence`). With `temperature=0`, no `threshold` /
+`factor` and no cache, the result is token-identical to the LLaDA reference sampler (`generate.py`): same per-block
+step split, confidences in the logits dtype, per-row top-k over the whole row with -inf past the current block.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import GenerationConfig
+from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.utils import ModelOutput
+
+from .forward_process import elbo_weighted_nll, mask_target_positions, stratified_mask_counts
+
+
+REMASKING_STRATEGIES = ("low_confidence", "random", "margin", "entropy")
+CACHE_MODES = (None, "prefix", "dual")
+
+# GenerationConfig fields that only mean something for autoregressive decoding, with the values that mean "off".
+AR_ONLY_FIELDS = {
+    "num_beams": (None, 1),
+    "num_beam_groups": (None, 1),
+    "diversity_penalty": (None, 0.0),
+    "repetition_penalty": (None, 1.0),
+    "encoder_repetition_penalty": (None, 1.0),
+    "length_penalty": (None, 1.0),
+    "no_repeat_ngram_size": (None, 0),
+    "encoder_no_repeat_ngram_size": (None, 0),
+    "min_length": (None, 0),
+    "min_new_tokens": (None, 0),
+    "bad_words_ids": (None,),
+    "force_words_ids": (None,),
+    "constraints": (None,),
+    "forced_bos_token_id": (None,),
+    "forced_eos_token_id": (None,),
+    "begin_suppress_tokens": (None,),
+    "sequence_bias": (None,),
+    "penalty_alpha": (None,),
+    "dola_layers": (None,),
+    "prompt_lookup_num_tokens": (None,),
+    "assistant_early_exit": (None,),
+    "guidance_scale": (None,),
+    "typical_p": (None, 1.0),
+    "min_p": (None,),
+    "top_h": (None,),
+    "epsilon_cutoff": (None, 0.0),
+    "eta_cutoff": (None, 0.0),
+    "exponential_decay_length_penalty": (None,),
+    "watermarking_config": (None,),
+    "output_scores": (None, False),
+    "output_logits": (None, False),
+}
+
+DIFFUSION_DEFAULTS: dict[str, Any] = {
+    "max_new_tokens": 128,
+    "temperature": 0.0,
+    "top_k": None,
+    "top_p": None,
+    "num_return_sequences": 1,
+    "return_dict_in_generate": False,
+    "do_sample": None,
+}
+
+
+class DiffusionGenerationConfig(GenerationConfig):
+    r"""
+    Settings of `diffusion_generate`. Keyword arguments of `diffusion_generate` override them per call.
+
+    Args:
+        max_new_tokens (`int`, defaults to 128): generated canvas length (LLaDA's `gen_length`).
+        steps (`int`, *optional*): total denoising steps, split evenly over the blocks; `None` = `max_new_tokens`
+            (one token per step). Must be a multiple of the number of blocks.
+        block_length (`int`, defaults to 32): semi-autoregressive block size; must divide `max_new_tokens`.
+        temperature (`float`, defaults to 0.0): 0 is greedy; > 0 samples with float64 Gumbel-max.
+        top_k (`int`, *optional*), top_p (`float`, *optional*): sampling filters, only with `temperature > 0`.
+        cfg_scale (`float`, defaults to 0.0): classifier-free guidance, `u + (cfg_scale + 1) * (c - u)` with the
+            prompt masked in the unconditional copy.
+        remasking (`str`, defaults to `"low_confidence"`): how to rank masked positions: `"low_confidence"`
+            (probability of the proposed token), `"random"`, `"margin"` (top-1 minus top-2 probability) or
+            `"entropy"` (negative entropy).
+        threshold (`float`, *optional*): Fast-dLLM parallel decoding: each step commits the most confident masked
+            position of the block plus every other one with confidence >= threshold; a block then runs until it is
+            filled, whatever `steps` says.
+        factor (`float`, *optional*): Fast-dLLM factor rule: commit the longest confidence-sorted prefix with
+            c_i >= 1 - factor / (i + 1) (the first always). Exclusive with `threshold`.
+        use_cache (`str`, *optional*): `None` (exact), `"prefix"` (cache K/V before the block) or `"dual"` (cache
+            prefix and suffix, recompute only the block); refreshed by a full forward at every block start.
+        mask_token_id (`int`, *optional*): defaults to the model config's `mask_token_id`.
+        suppress_tokens (`list[int]`, *optional*): token ids whose logits are set to -inf before sampling.
+        confidence_suppress_tokens (`list[int]`, *optional*): token ids (e.g. EOS/EOT) whose probability is removed
+            from the confidence softmax, so positions proposing them rank last.
+        stop_at_eos (`bool`, defaults to `False`): stop a row once a finished block holds an EOS; the output up to the
+            first EOS is unchanged and the rest is `pad_token_id`.
+        stop_strings (`str` or `list[str]`, *optional*): stop a row once its finished text contains one of these
+            (pass `tokenizer=`); tokens after the completing one become `pad_token_id`.
+        num_return_sequences (`int`, defaults to 1), output_history (`bool`, defaults to `False`),
+        return_dict_in_generate (`bool`, defaults to `False`): return a `DiffusionGenerateOutput`.
+    """
+
+    def __init__(self, **kwargs):
+        self.steps = kwargs.pop("steps", None)
+        self.block_length = kwargs.pop("block_length", 32)
+        self.cfg_scale = kwargs.pop("cfg_scale", 0.0)
+        self.remasking = kwargs.pop("remasking", "low_confidence")
+        self.threshold = kwargs.pop("threshold", None)
+        self.factor = kwargs.pop("factor", None)
+        self.mask_token_id = kwargs.pop("mask_token_id", None)
+        self.confidence_suppress_tokens = kwargs.pop("confidence_suppress_tokens", None)
+        self.stop_at_eos = kwargs.pop("stop_at_eos", False)
+        self.output_history = kwargs.pop("output_history", False)
+        for key, value in DIFFUSION_DEFAULTS.items():
+            kwargs.setdefault(key, value)
+        super().__init__(**kwargs)
+
+    @staticmethod
+    def _get_default_generation_params() -> dict[str, Any]:
+        # transformers fills unset fields from these; its own (temperature 1.0, top_k 50) must never apply here.
+        return dict(DIFFUSION_DEFAULTS)
+
+    @classmethod
+    def from_model_config(cls, model_config) -> DiffusionGenerationConfig:
+        return cls(
+            eos_token_id=getattr(model_config, "eos_token_id", None),
+            pad_token_id=getattr(model_config, "pad_token_id", None),
+            bos_token_id=getattr(model_config, "bos_token_id", None),
+            mask_token_id=getattr(model_config, "mask_token_id", None),
+        )
+
+    def validate(self, strict: bool = False, user_set_attributes: set[str] | None = None) -> None:
+        """Raise `ValueError` naming the field for any setting `diffusion_generate` cannot honour."""
+
+        def fail(field: str, accepted: str) -> None:
+            raise ValueError(f"DiffusionGenerationConfig: `{field}`={getattr(self, field)!r} is invalid; {accepted}.")
+
+        def positive_int(value) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+        if not positive_int(self.max_new_tokens):
+            fail("max_new_tokens", "expected a positive integer")
+        if not positive_int(self.block_length):
+            fail("block_length", "expected a positive integer")
+        if self.max_new_tokens % self.block_length:
+            fail("block_length", f"it must divide max_new_tokens={self.max_new_tokens}")
+        num_blocks = self.max_new_tokens // self.block_length
+        if self.steps is not None and (not positive_int(self.steps) or self.steps % num_blocks):
+            fail("steps", f"expected a positive multiple of the number of blocks ({num_blocks})")
+        if self.temperature is None or self.temperature < 0:
+            fail("temperature", "expected a float >= 0 (0 = greedy)")
+        if self.do_sample is False and self.temperature > 0:
+            fail("do_sample", f"do_sample=False means greedy, but temperature={self.temperature}")
+        if self.do_sample is True and self.temperature == 0:
+            fail("do_sample", "do_sample=True needs temperature > 0")
+        if self.top_k is not None and (not positive_int(self.top_k) or self.temperature == 0):
+            fail("top_k", "expected a positive integer, used only when sampling (temperature > 0)")
+        if self.top_p is not None and (not 0 < self.top_p <= 1 or self.temperature == 0):
+            fail("top_p", "expected a float in (0, 1], used only when sampling (temperature > 0)")
+        if self.cfg_scale is None or self.cfg_scale < 0:
+            fail("cfg_scale", "expected a float >= 0")
+        if self.remasking not in REMASKING_STRATEGIES:
+            fail("remasking", f"expected one of {REMASKING_STRATEGIES}")
+        if self.threshold is not None and not 0 < self.threshold <= 1:
+            fail("threshold", "expected a float in (0, 1]")
+        if self.factor is not None and not self.factor > 0:
+            fail("factor", "expected a positive float")
+        if self.threshold is not None and self.factor is not None:
+            fail("factor", "threshold and factor are exclusive parallel-decoding rules")
+        if self.use_cache not in CACHE_MODES:
+            fail("use_cache", f"expected one of {CACHE_MODES}")
+        if not positive_int(self.num_return_sequences):
+            fail("num_return_sequences", "expected a positive integer")
+        if isinstance(self.stop_strings, str):
+            self.stop_strings = [self.stop_strings]
+        for field, neutral in AR_ONLY_FIELDS.items():
+            if getattr(self, field, None) not in neutral:
+                fail(field, "it applies to autoregressive decoding only (use cfg_scale for guidance)")
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps if self.steps is not None else self.max_new_tokens
+
+
+@dataclass
+class DiffusionGenerateOutput(ModelOutput):
+    """
+    sequences: [B, P + max_new_tokens] prompt and generated tokens.
+    nfe: [B] forward passes each row took part in.
+    tokens_per_forward: [B] generated tokens kept (not pad-filled) per forward pass.
+    unmask_step: [B, max_new_tokens] index of the forward pass whose output committed each generated token
+        (-1 where the token was filled with pad after a stop).
+    history: one [B, P + max_new_tokens] canvas after every step, with `output_history=True`.
+    """
+
+    sequences: torch.LongTensor | None = None
+    nfe: torch.LongTensor | None = None
+    tokens_per_forward: torch.FloatTensor | None = None
+    unmask_step: torch.LongTensor | None = None
+    history: tuple[torch.LongTensor, ...] | None = None
+
+
+class DiffusionCacheLayer(CacheLayerMixin):
+    """One layer's keys/values (after RoPE) of the whole canvas, from the block-start forward."""
+
+    def __init__(self, mode: str):
+        super().__init__()
+        self.mode = mode
+        self.window: tuple[int, int] | None = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self.window is None:  # block-start forward over the whole canvas: remember it
+            self.lazy_initialization(key_states, value_states)
+            self.keys, self.values = key_states, value_states
+            return key_states, value_states
+        start, end = self.window
+        if self.mode == "prefix":  # the new tokens are [start, L): attend to the frozen prefix and to each other
+            return (
+                torch.cat([self.keys[:, :, :start], key_states], dim=-2),
+                torch.cat([self.values[:, :, :start], value_states], dim=-2),
+            )
+        if key_states.shape[-2] != end - start:
+            raise ValueError(f"dual cache: got {key_states.shape[-2]} new tokens for the block [{start}, {end})")
+        self.keys[:, :, start:end] = key_states  # replace the block, keep the frozen prefix and suffix
+        self.values[:, :, start:end] = value_states
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return 0 if self.window is None else self.window[0]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if self.window is None:
+            return query_length, 0
+        if self.mode == "prefix":
+            return self.window[0] + query_length, 0
+        return self.keys.shape[-2], 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class DiffusionBlockCache(Cache):
+    """Approximate KV cache for a bidirectional model decoding one block at a time (Fast-dLLM semantics).
+
+    `refresh()` before a forward over the whole canvas stores every layer's keys/values. `select_block(start, end)`
+    then makes later forwards see the cache as "everything except the new tokens": in `"prefix"` mode the inputs are
+    the canvas from `start` on and attend to the frozen prefix; in `"dual"` mode the inputs are the block
+    [start, end), whose keys/values replace the cached ones, and attend to the frozen prefix and suffix.
+    `get_seq_length()` is the first new position, so the model numbers the new tokens' positions from there.
+    """
+
+    def __init__(self, mode: str, num_layers: int):
+        if mode not in ("prefix", "dual"):
+            raise ValueError(f"DiffusionBlockCache: mode={mode!r}; expected 'prefix' or 'dual'")
+        super().__init__(layers=[DiffusionCacheLayer(mode) for _ in range(num_layers)])
+        self.mode = mode
+
+    def refresh(self) -> None:
+        for layer in self.layers:
+            layer.keys = layer.values = None
+            layer.is_initialized = False
+            layer.window = None
+
+    def select_block(self, start: int, end: int) -> None:
+        for layer in self.layers:
+            layer.window = (start, end)
+
+
+def transfer_schedule(masked_count: torch.Tensor, steps: int) -> torch.Tensor:
+    """Tokens to commit at each of `steps` steps for each row: an even split, remainder on the first steps."""
+    base = masked_count[:, None] // steps
+    remainder = masked_count[:, None] % steps
+    return base + (torch.arange(steps, device=masked_count.device)[None] < remainder).long()
+
+
+def propose_tokens(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """Greedy argmax, or a float64 Gumbel-max sample exp(l) / (-log u)^T (LLaDA's exact categorical sampler)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.double()
+    if top_k is not None:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cumulative - sorted_logits.softmax(dim=-1) >= top_p  # keep the smallest prefix reaching top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    noise = torch.rand(logits.shape, dtype=torch.float64, generator=generator, device="cpu").to(logits.device)
+    return (logits.exp() / (-torch.log(noise)) ** temperature).argmax(dim=-1)
+
+
+def confidence(
+    logits: torch.Tensor,
+    proposal: torch.Tensor,
+    remasking: str,
+    suppressed: list[int] | None,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """Score of each position's proposal, from the softmax of the raw logits in the logits dtype."""
+    if remasking == "random":
+        return torch.rand(proposal.shape, generator=generator, device="cpu").to(logits.device)
+    if suppressed:
+        logits = logits.clone()
+        logits[..., suppressed] = float("-inf")
+    probs = logits.softmax(dim=-1)
+    if remasking == "low_confidence":
+        return probs.gather(-1, proposal[..., None]).squeeze(-1)
+    if remasking == "margin":
+        top2 = probs.topk(2, dim=-1).values
+        return top2[..., 0] - top2[..., 1]
+    return (probs * probs.clamp_min(torch.finfo(probs.dtype).tiny).log()).sum(dim=-1)  # entropy: -H, higher = surer
+
+
+def select_by_quota(scores: torch.Tensor, quota: torch.Tensor) -> torch.Tensor:
+    """Per row, the `quota[j]` best positions of the whole row (the reference's per-row `topk`)."""
+    selected = torch.zeros_like(scores, dtype=torch.bool)
+    for row in range(scores.shape[0]):
+        if quota[row] > 0:
+            selected[row, scores[row].topk(int(quota[row])).indices] = True
+    return selected
+
+
+def select_by_threshold(scores: torch.Tensor, candidates: torch.Tensor, threshold: float) -> torch.Tensor:
+    """The best candidate of each row, plus every candidate with score >= threshold."""
+    scores = scores.masked_fill(~candidates, float("-inf"))
+    selected = candidates & (scores >= threshold)
+    best = scores.argmax(dim=-1)
+    has_candidate = candidates.any(dim=-1)
+    selected[has_candidate, best[has_candidate]] = True
+    return selected
+
+
+def select_by_factor(scores: torch.Tensor, candidates: torch.Tensor, factor: float) -> torch.Tensor:
+    """The longest prefix of candidates sorted by score with c_i >= 1 - factor / (i + 1) (1-based i; c_1 always)."""
+    scores = scores.masked_fill(~candidates, float("-inf"))
+    sorted_scores, order = scores.sort(dim=-1, descending=True)
+    rank = torch.arange(1, scores.shape[-1] + 1, device=scores.device, dtype=torch.float64)
+    passes = sorted_scores.double() >= 1 - factor / (rank + 1)
+    passes[:, 0] = True
+    keep = passes.long().cumprod(dim=-1).bool() & (sorted_scores > float("-inf"))
+    return torch.zeros_like(candidates).scatter(-1, order, keep) & candidates
+
+
+class DiffusionGenerationMixin:
+    """Adds `diffusion_generate`, `generate` and `diffusion_loglikelihood` to a masked-diffusion LM."""
+
+    generation_config_class = DiffusionGenerationConfig
+
+    def adjust_generation_fn(
+        self,
+        generation_config: GenerationConfig | None,
+        from_auto_class: bool,
+        from_pipeline: bool,
+        pretrained_model_name_or_path,
+        cache_dir=None,
+        force_download: bool = False,
+        proxies=None,
+        local_files_only: bool = False,
+        token=None,
+        revision: str = "main",
+        subfolder: str = "",
+        **kwargs,
+    ) -> None:
+        """Called by `from_pretrained`: load `generation_config.json` as a `DiffusionGenerationConfig`."""
+        if generation_config is not None:
+            self.generation_config = DiffusionGenerationConfig.from_dict(generation_config.to_dict())
+            return
+        try:
+            self.generation_config = DiffusionGenerationConfig.from_pretrained(
+                pretrained_model_name_or_path,
+                cache_dir=cache_dir,
+                force_download=force_download,
+                proxies=proxies,
+                local_files_only=local_files_only,
+                token=token,
+                revision=revision,
+                subfolder=subfolder,
+            )
+        except OSError:  # no generation_config.json: keep the one built from the model config
+            pass
+
+    def generate(self, inputs: torch.Tensor | None = None, generation_config=None, streamer=None, **kwargs):
+        """`generate` for pipelines and harnesses: the same as `diffusion_generate`."""
+        return self.diffusion_generate(inputs, generation_config=generation_config, streamer=streamer, **kwargs)
+
+    def _resolve_generation_config(self, generation_config, kwargs: dict) -> DiffusionGenerationConfig:
+        base = generation_config if generation_config is not None else self.generation_config
+        if not isinstance(base, DiffusionGenerationConfig):
+            base = DiffusionGenerationConfig.from_dict(base.to_dict())
+        config = copy.deepcopy(base)
+        fields = {name for name in vars(config) if not name.startswith("_")}
+        unknown = sorted(set(kwargs) - fields)
+        if unknown:
+            raise ValueError(
+                f"diffusion_generate: unknown keyword argument(s) {unknown}; accepted are the DiffusionGeneration"
+                "Config fields, `attention_mask`, `streamer`, `generator` and `tokenizer`."
+            )
+        for name, value in kwargs.items():
+            setattr(config, name, value)
+        config.validate()
+        return config
+
+    @torch.no_grad()
+    def diffusion_generate(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        generation_config: GenerationConfig | None = None,
+        streamer=None,
+        generator: torch.Generator | None = None,
+        tokenizer=None,
+        **kwargs,
+    ) -> torch.LongTensor | DiffusionGenerateOutput:
+        """Fill `max_new_tokens` masked positions after a left-padded prompt, block by block.
+
+        Args:
+            input_ids: [B, P] prompt ids, left-padded when rows differ in length.
+            attention_mask: [B, P] 1 for real tokens, 0 for left padding (right padding is rejected).
+            generation_config: a `DiffusionGenerationConfig`; keyword arguments override its fields.
+            streamer: a transformers `BaseStreamer`: gets the prompt, then each block once it is final.
+            generator: a `torch.Generator` for `temperature > 0`, `remasking="random"` (reproducible runs).
+            tokenizer: needed with `stop_strings`.
+
+        Returns:
+            LongTensor [B * num_return_sequences, P + max_new_tokens], or a `DiffusionGenerateOutput` with
+            `return_dict_in_generate=True`.
+        """
+        if input_ids is None:
+            input_ids = kwargs.pop("inputs", None)
+        config = self._resolve_generation_config(generation_config, kwargs)
+        input_ids, attention_mask, special = self._check_generation_inputs(input_ids, attention_mask, config, tokenizer)
+        input_ids = input_ids.repeat_interleave(config.num_return_sequences, dim=0)
+        attention_mask = attention_mask.repeat_interleave(config.num_return_sequences, dim=0)
+        return self._diffusion_sample(input_ids, attention_mask, config, special, streamer, generator, tokenizer)
+
+    def _check_generation_inputs(self, input_ids, attention_mask, config, tokenizer):
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise ValueError(f"diffusion_generate: input_ids must be a [batch, prompt] LongTensor, got {shape}")
+        if input_ids.shape[1] == 0:
+            raise ValueError("diffusion_generate: the prompt is empty (input_ids has 0 columns); give >= 1 token")
+        model_config = self.config
+        mask_id = config.mask_token_id if config.mask_token_id is not None else model_config.mask_token_id
+        if mask_id is None or not 0 <= mask_id < model_config.vocab_size:
+            raise ValueError(
+                f"diffusion_generate: mask_token_id={mask_id} is not in the vocabulary [0, {model_config.vocab_size})"
+                "; pass mask_token_id= (the official 7B uses 156895)"
+            )
+        pad_id = config.pad_token_id if config.pad_token_id is not None else model_config.pad_token_id
+        eos = config.eos_token_id if config.eos_token_id is not None else model_config.eos_token_id
+        eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        if pad_id is None:
+            pad_id = eos_ids[0] if eos_ids else None
+        if pad_id == mask_id:
+            raise ValueError(f"diffusion_generate: pad_token_id={pad_id} equals mask_token_id; they must differ")
+        if (config.stop_at_eos or config.stop_strings) and pad_id is None:
+            raise ValueError("diffusion_generate: stopping needs a pad_token_id (or eos_token_id) to fill the tail")
+        if config.stop_at_eos and not eos_ids:
+            raise ValueError("diffusion_generate: stop_at_eos=True needs an eos_token_id")
+        if config.stop_strings and tokenizer is None:
+            raise ValueError(f"diffusion_generate: stop_strings={config.stop_strings} need `tokenizer=` to decode")
+        total = input_ids.shape[1] + config.max_new_tokens
+        if total > model_config.max_position_embeddings:
+            raise ValueError(
+                f"diffusion_generate: prompt ({input_ids.shape[1]}) + max_new_tokens ({config.max_new_tokens}) = "
+                f"{total} exceeds max_position_embeddings={model_config.max_position_embeddings}"
+            )
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"diffusion_generate: attention_mask has shape {tuple(attention_mask.shape)}, input_ids "
+                f"{tuple(input_ids.shape)}"
+            )
+        attention_mask = attention_mask.to(device=input_ids.device, dtype=torch.long)
+        if (attention_mask[:, 1:] < attention_mask[:, :-1]).any():
+            raise ValueError(
+                "diffusion_generate: the attention_mask has right padding (a 0 after a 1); left-pad the prompts "
+                "(tokenizer.padding_side = 'left')"
+            )
+        if (attention_mask.sum(dim=1) == 0).any():
+            raise ValueError("diffusion_generate: a row of the attention_mask is all padding (an empty prompt)")
+        special = {"mask": mask_id, "pad": pad_id, "eos": eos_ids}
+        return input_ids, attention_mask, special
+
+    def _diffusion_sample(self, input_ids, attention_mask, config, special, streamer, generator, tokenizer):
+        device = input_ids.device
+        batch, prompt_len = input_ids.shape
+        gen_len, block_len = config.max_new_tokens, config.block_length
+        num_blocks = gen_len // block_len
+        steps_per_block = config.total_steps // num_blocks
+        mask_id = special["mask"]
+
+        x = torch.cat([input_ids, torch.full((batch, gen_len), mask_id, dtype=input_ids.dtype, device=device)], 1)
+        full_mask = torch.cat([attention_mask, torch.ones((batch, gen_len), dtype=torch.long, device=device)], 1)
+        prompt_index = x != mask_id  # the reference masks exactly these in the unconditional CFG copy
+        state = {
+            "nfe": torch.zeros(batch, dtype=torch.long, device=device),
+            "unmask_step": torch.full((batch, gen_len), -1, dtype=torch.long, device=device),
+            "history": [] if config.output_history else None,
+        }
+        active = torch.ones(batch, dtype=torch.bool, device=device)
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+
+        for block in range(num_blocks):
+            rows = active.nonzero().squeeze(1)
+            if rows.numel() == 0:
+                break
+            start = prompt_len + block * block_len
+            end = start + block_len
+            self._decode_block(
+                x, full_mask, prompt_index, rows, start, end, steps_per_block, config, special, state, generator
+            )
+            for row in rows.tolist():
+                if self._row_stops(x, row, prompt_len, end, config, special, tokenizer, state):
+                    active[row] = False
+            if streamer is not None:
+                streamer.put(x[:, start:end].cpu())
+        if streamer is not None:
+            streamer.end()
+
+        if not config.return_dict_in_generate:
+            return x
+        kept = (state["unmask_step"] >= 0).sum(dim=1).float()
+        return DiffusionGenerateOutput(
+            sequences=x,
+            nfe=state["nfe"],
+            tokens_per_forward=kept / state["nfe"].clamp(min=1),
+            unmask_step=state["unmask_step"],
+            history=tuple(state["history"]) if state["history"] is not None else None,
+        )
+
+    def _decode_block(self, x, full_mask, prompt_index, rows, start, end, steps, config, special, state, generator):
+        """Denoise the block [start, end) of the canvas rows `rows` in place."""
+        mask_id, prompt_len = special["mask"], x.shape[1] - config.max_new_tokens
+        xs, masks, prompts = x[rows], full_mask[rows], prompt_index[rows]
+        parallel = config.threshold is not None or config.factor is not None
+        quota = transfer_schedule((xs[:, start:end] == mask_id).sum(dim=1), steps)
+        cache = None
+        if config.use_cache is not None:
+            cache = DiffusionBlockCache(config.use_cache, self.config.num_hidden_layers)
+        step = 0
+        while True:
+            still_masked = (xs[:, start:end] == mask_id).any(dim=1)
+            if (step >= steps) if not parallel else not still_masked.any():
+                break
+            logits, window = self._step_logits(xs, masks, prompts, mask_id, cache, step, start, end, config)
+            proposal_w = propose_tokens(logits, config.temperature, config.top_k, config.top_p, generator)
+            scores_w = confidence(logits, proposal_w, config.remasking, config.confidence_suppress_tokens, generator)
+            proposal = xs.clone()
+            proposal[:, window[0] : window[1]] = proposal_w
+            scores = torch.full(xs.shape, float("-inf"), dtype=scores_w.dtype, device=xs.device)
+            scores[:, window[0] : window[1]] = scores_w
+            is_mask = xs == mask_id
+            scores[:, end:] = float("-inf")
+            scores = scores.masked_fill(~is_mask, float("-inf"))
+            proposal = torch.where(is_mask, proposal, xs)
+
+            if config.threshold is not None:
+                in_block = torch.zeros_like(is_mask)
+                in_block[:, start:end] = True
+                commit = select_by_threshold(scores, is_mask & in_block, config.threshold)
+            elif config.factor is not None:
+                in_block = torch.zeros_like(is_mask)
+                in_block[:, start:end] = True
+                commit = select_by_factor(scores, is_mask & in_block, config.factor)
+            else:
+                commit = select_by_quota(scores, quota[:, step])
+
+            participating = still_masked if parallel else torch.ones_like(still_masked)
+            step_index = state["nfe"][rows]
+            state["nfe"][rows] += participating.long()
+            generated = commit[:, prompt_len:]
+            unmask = state["unmask_step"][rows]
+            unmask[generated] = step_index[:, None].expand_as(generated)[generated]
+            state["unmask_step"][rows] = unmask
+            xs = torch.where(commit, proposal, xs)
+            x[rows] = xs
+            if state["history"] is not None:
+                state["history"].append(x.clone())
+            step += 1
+
+    def _step_logits(self, xs, masks, prompts, mask_id, cache, step, start, end, config):
+        """Logits of the columns [window) the step needs, with CFG applied; the window start is its offset."""
+        inputs, attention = xs, masks
+        if config.cfg_scale > 0:
+            inputs = torch.cat([xs, xs.masked_fill(prompts, mask_id)])
+            attention = torch.cat([masks, masks])
+        if cache is None:
+            logits, window = self(inputs, attention_mask=attention).logits, (0, xs.shape[1])
+        elif step == 0:
+            cache.refresh()
+            keep = torch.arange(start, end, device=xs.device)
+            logits = self(inputs, attention_mask=attention, past_key_values=cache, logits_to_keep=keep).logits
+            cache.select_block(start, end)
+            window = (start, end)
+        else:
+            new = inputs[:, start:] if cache.mode == "prefix" else inputs[:, start:end]
+            keep = torch.arange(end - start, device=xs.device)
+            logits = self(new, attention_mask=attention, past_key_values=cache, logits_to_keep=keep).logits
+            window = (start, end)
+        if config.cfg_scale > 0:
+            cond, uncond = logits.chunk(2)
+            logits = uncond + (config.cfg_scale + 1) * (cond - uncond)
+        if config.suppress_tokens:
+            logits = logits.clone()
+            logits[..., config.suppress_tokens] = float("-inf")
+        return logits, window
+
+    def _row_stops(self, x, row, prompt_len, end, config, special, tokenizer, state) -> bool:
+        """After a finished block: whether row `row` stops (EOS or a stop string); if so pad its tail."""
+        generated = x[row, prompt_len:end]
+        cut = None
+        if config.stop_at_eos:
+            hits = torch.isin(generated, torch.tensor(special["eos"], device=x.device)).nonzero()
+            if hits.numel():
+                cut = int(hits[0]) + 1
+        if config.stop_strings:
+            previous = end - config.block_length - prompt_len
+            for length in range(max(previous, 0) + 1, generated.numel() + 1):
+                if cut is not None and length >= cut:
+                    break
+                text = tokenizer.decode(generated[:length])
+                if any(stop in text for stop in config.stop_strings):
+                    cut = length
+                    break
+        if cut is None:
+            return False
+        x[row, prompt_len + cut :] = special["pad"]
+        state["unmask_step"][row, cut:] = -1
+        return True
+
+    @torch.no_grad()
+    def diffusion_loglikelihood(
+        self,
+        prefix_ids: torch.Tensor | list[int],
+        target_ids: torch.Tensor | list[int],
+        mc_samples: int = 128,
+        batch_size: int = 16,
+        cfg_scale: float = 0.0,
+        generator: torch.Generator | None = None,
+        mask_token_id: int | None = None,
+    ) -> torch.Tensor:
+        """Monte-Carlo ELBO estimate of log p(target | prefix) (LLaDA's lm-eval estimator; a lower bound).
+
+        `mc_samples` masked copies of prefix+target, `batch_size` per forward, each with a stratified number of
+        masked target tokens (never prefix tokens); returns -(mean over copies of the 1/t-weighted masked
+        cross-entropy) as a 0-d float tensor. Deterministic for a given `generator`.
+        """
+        device = self.device
+        prefix = torch.as_tensor(prefix_ids, dtype=torch.long, device=device).reshape(-1)
+        target = torch.as_tensor(target_ids, dtype=torch.long, device=device).reshape(-1)
+        mask_id = mask_token_id if mask_token_id is not None else self.config.mask_token_id
+        if mask_id is None or not 0 <= mask_id < self.config.vocab_size:
+            raise ValueError(f"diffusion_loglikelihood: mask_token_id={mask_id} is not in the vocabulary")
+        if target.numel() == 0:
+            raise ValueError("diffusion_loglikelihood: target_ids is empty")
+        if mc_samples < 1 or batch_size < 1 or mc_samples % batch_size:
+            raise ValueError(
+                f"diffusion_loglikelihood: mc_samples={mc_samples} must be a positive multiple of "
+                f"batch_size={batch_size}"
+            )
+        sequence = torch.cat([prefix, target])[None].expand(batch_size, -1)
+        target_mask = torch.zeros_like(sequence, dtype=torch.bool)
+        target_mask[:, prefix.numel() :] = True
+        lengths = torch.full((batch_size,), target.numel(), device=device)
+        total = 0.0
+        for _ in range(mc_samples // batch_size):
+            counts = stratified_mask_counts(target.numel(), batch_size, generator, device)
+            noisy, masked = mask_target_positions(sequence, target_mask, counts, mask_id, generator)
+            if cfg_scale > 0:
+                uncond = noisy.masked_fill(~target_mask, mask_id)
+                cond_logits, uncond_logits = self(torch.cat([noisy, uncond])).logits.chunk(2)
+                logits = uncond_logits + (cfg_scale + 1) * (cond_logits - uncond_logits)
+            else:
+                logits = self(noisy).logits
+            total += elbo_weighted_nll(logits, sequence, masked, lengths).sum().item()
+        return torch.tensor(-total / mc_samples)

@@ -301,7 +301,8 @@ def propose_tokens(
         cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
         drop = cumulative - sorted_logits.softmax(dim=-1) >= top_p  # keep the smallest prefix reaching top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    noise = torch.rand(logits.shape, dtype=torch.float64, generator=generator, device="cpu").to(logits.device)
+    device = generator.device if generator is not None else logits.device
+    noise = torch.rand(logits.shape, dtype=torch.float64, generator=generator, device=device).to(logits.device)
     return (logits.exp() / (-torch.log(noise)) ** temperature).argmax(dim=-1)
 
 
@@ -314,7 +315,8 @@ def confidence(
 ) -> torch.Tensor:
     """Score of each position's proposal, from the softmax of the raw logits in the logits dtype."""
     if remasking == "random":
-        return torch.rand(proposal.shape, generator=generator, device="cpu").to(logits.device)
+        device = generator.device if generator is not None else logits.device
+        return torch.rand(proposal.shape, generator=generator, device=device).to(logits.device)
     if suppressed:
         logits = logits.clone()
         logits[..., suppressed] = float("-inf")

@@ -1,0 +1,30 @@
+"""The demo and the benchmark scripts run end to end (small settings), so they never rot."""
+
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def run(*args: str) -> str:
+    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def test_tiny_demo(tmp_path):
+    out = run("examples/tiny_demo.py", "--steps", "30", "--out", str(tmp_path / "hub"))
+    assert "reference sampler (1 token/step)" in out and "threshold 0.9 + dual cache" in out
+    assert (tmp_path / "hub" / "generation_utils.py").exists()
+
+
+def test_generation_benchmark_prints_its_table():
+    out = run("-m", "benchmarks.generation", "--train-steps", "20", "--batch", "4", "--repeats", "1")
+    lines = [line for line in out.splitlines() if "|" in line]
+    assert len(lines) == 5 and "dual cache + threshold 0.9" in out and "speed-up" in lines[0]
+
+
+def test_forward_benchmark_prints_its_table():
+    out = run("benchmarks/forward.py", "--tokens", "4", "--repeats", "1", "--dtype", "float32")
+    lines = [line for line in out.splitlines() if "|" in line]
+    assert len(lines) == 4 and all(name in out for name in ("eager", "grouped_mm", "batched_mm"))

@@ -21,6 +21,7 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.dynamic_module_utils import get_relative_import_files
 from transformers.integrations import use_experts_implementation
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_experts_forward
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeModelOutputWithPast
@@ -221,9 +222,53 @@ class LLaDAMoEMLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
-def expert_container_weight(linear: nn.Linear) -> torch.Tensor:
-    """The dense weight of an expert container; the one place a quantized container is dequantized."""
-    return linear.weight
+def dequantize_rows(linear: nn.Module, start: int, end: int, dtype: torch.dtype) -> torch.Tensor:
+    """Rows [start, end) of an expert container's weight as a dense `dtype` tensor.
+
+    The one place a quantized container is read: a plain `nn.Linear` gives a view (a cast only if `dtype` differs),
+    a bitsandbytes 4-bit weight dequantizes only the packed bytes and absmax blocks of those rows, an 8-bit weight
+    only those rows of int8 values times their scales. Expert-sized row ranges never straddle a quantization block.
+    """
+    if hasattr(linear, "base_layer"):
+        # PEFT wrapped the container: the experts read its weight directly, so the adapter would be skipped.
+        raise ValueError(
+            "a PEFT adapter wraps an expert container (mlp.experts.gate_up / mlp.experts.down); the experts read "
+            "the container weights directly and would skip it. Target the attention projections instead (see "
+            "quantization.qlora_target_modules)."
+        )
+    weight = linear.weight
+    quant_state = getattr(weight, "quant_state", None)
+    if quant_state is not None:  # bitsandbytes 4-bit (NF4 / FP4), optionally with double-quantized absmax
+        import bitsandbytes.functional as bnb_functional
+
+        cols, blocksize = quant_state.shape[1], quant_state.blocksize
+        first, last = start * cols, end * cols
+        absmax = quant_state.absmax
+        if quant_state.nested:
+            absmax = bnb_functional.dequantize_blockwise(absmax, quant_state.state2) + quant_state.offset
+        if first % blocksize or last % blocksize:
+            raise ValueError(f"rows [{start}, {end}) of a {tuple(quant_state.shape)} weight split a 4-bit block")
+        rows_state = bnb_functional.QuantState(
+            absmax=absmax[first // blocksize : last // blocksize].float(),
+            shape=torch.Size([end - start, cols]),
+            code=quant_state.code,
+            blocksize=blocksize,
+            quant_type=quant_state.quant_type,
+            dtype=dtype,
+        )
+        packed = weight.data.reshape(-1)[first // 2 : last // 2].reshape(-1, 1)
+        return bnb_functional.dequantize_4bit(packed, rows_state).to(dtype)
+    if weight.dtype == torch.int8:  # bitsandbytes LLM.int8: row-wise absmax scales SCB
+        scales = getattr(weight, "SCB", None)
+        if scales is None:
+            raise ValueError("an int8 expert container has no SCB scales (was it quantized by bitsandbytes?)")
+        return (weight[start:end].float() * (scales[start:end, None].float() / 127.0)).to(dtype)
+    return weight[start:end].to(dtype)
+
+
+def is_quantized_container(linear: nn.Module) -> bool:
+    weight = getattr(linear, "weight", None)
+    return weight is not None and not torch.is_floating_point(weight)
 
 
 @use_experts_implementation
@@ -246,18 +291,41 @@ class LLaDAMoEExperts(nn.Module):
 
     @property
     def gate_up_proj(self) -> torch.Tensor:
-        return expert_container_weight(self.gate_up).view(self.num_experts, 2 * self.intermediate_dim, self.hidden_dim)
+        """[E, 2I, H]; a view for plain weights (dequantized whole for quantized ones: prefer chunks())."""
+        rows = self.gate_up.out_features
+        return dequantize_rows(self.gate_up, 0, rows, self.dense_dtype).view(self.num_experts, -1, self.hidden_dim)
 
     @property
     def down_proj(self) -> torch.Tensor:
-        return expert_container_weight(self.down).view(self.num_experts, self.hidden_dim, self.intermediate_dim)
+        """[E, H, I]; a view for plain weights (dequantized whole for quantized ones: prefer chunks())."""
+        rows = self.down.out_features
+        return dequantize_rows(self.down, 0, rows, self.dense_dtype).view(self.num_experts, self.hidden_dim, -1)
+
+    @property
+    def dense_dtype(self) -> torch.dtype:
+        """dtype the weights are used in: the containers' own, or the model's when they are quantized."""
+        if not self.is_quantized:
+            return self.gate_up.weight.dtype
+        dtype = getattr(self.config, "dtype", None)
+        return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+    @property
+    def is_quantized(self) -> bool:
+        return is_quantized_container(self.gate_up) or is_quantized_container(self.down)
+
+    def dequantize_experts(self, first: int, last: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """gate_up [c, 2I, H] and down [c, H, I] of experts [first, last) as dense `dtype` tensors."""
+        rows_up, rows_down = 2 * self.intermediate_dim, self.hidden_dim
+        gate_up = dequantize_rows(self.gate_up, first * rows_up, last * rows_up, dtype)
+        down = dequantize_rows(self.down, first * rows_down, last * rows_down, dtype)
+        return gate_up.view(last - first, rows_up, self.hidden_dim), down.view(last - first, rows_down, -1)
 
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
         # Expert-by-expert loop accumulating in expert-id order, like the official block (same bf16 rounding).
         final_hidden_states = torch.zeros_like(hidden_states)
-        gate_up_proj, down_proj = self.gate_up_proj, self.down_proj
+        gate_up_proj, down_proj = self.gate_up_proj.to(hidden_states.dtype), self.down_proj.to(hidden_states.dtype)
         with torch.no_grad():
             expert_mask = F.one_hot(top_k_index, num_classes=self.num_experts).permute(2, 1, 0)
             expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
@@ -270,6 +338,51 @@ class LLaDAMoEExperts(nn.Module):
             current_hidden_states = current_hidden_states * top_k_weights[token_idx, top_k_pos, None]
             final_hidden_states.index_add_(0, token_idx, current_hidden_states.to(final_hidden_states.dtype))
         return final_hidden_states
+
+
+class ExpertGroup:
+    """Dense weights of a group of experts, shaped like the experts module transformers' implementations read."""
+
+    has_gate, has_bias, is_transposed, has_post_expert_norm, _is_expert_parallel = True, False, False, False, False
+
+    def __init__(self, act_fn: Callable, gate_up_proj: torch.Tensor, down_proj: torch.Tensor):
+        self.act_fn, self.gate_up_proj, self.down_proj = act_fn, gate_up_proj, down_proj
+        self.num_experts = gate_up_proj.shape[0]
+
+    def _apply_gate(self, gate_up_out: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up_out.chunk(2, dim=-1)
+        return self.act_fn(gate) * up
+
+
+EXPERTS_PER_CHUNK = 8  # 7B: 8 experts of a layer dequantized at a time = 96 MiB in bf16 instead of 768 MiB
+
+
+def grouped_mm_chunked_experts_forward(
+    self: LLaDAMoEExperts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """transformers' `grouped_mm` over groups of `EXPERTS_PER_CHUNK` experts, dequantizing one group at a time and
+    skipping groups no token routes to. Plain weights are one group of views: exactly `grouped_mm`."""
+    if not self.is_quantized:
+        return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+    output = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
+    for first in range(0, self.num_experts, EXPERTS_PER_CHUNK):
+        last = min(first + EXPERTS_PER_CHUNK, self.num_experts)
+        token, slot = ((top_k_index >= first) & (top_k_index < last)).nonzero(as_tuple=True)
+        if token.numel() == 0:
+            continue
+        group = ExpertGroup(self.act_fn, *self.dequantize_experts(first, last, hidden_states.dtype))
+        routed = grouped_mm_experts_forward(
+            group,
+            hidden_states[token],
+            (top_k_index[token, slot] - first)[:, None],
+            top_k_weights[token, slot][:, None],
+        )
+        output.index_add_(0, token, routed.float())
+    return output.to(hidden_states.dtype)
+
+
+ALL_EXPERTS_FUNCTIONS.register("grouped_mm_chunked", grouped_mm_chunked_experts_forward)
+DEFAULT_EXPERTS_IMPLEMENTATION = "grouped_mm_chunked"
 
 
 class LLaDAMoETopKRouter(nn.Module):
@@ -397,6 +510,10 @@ class LLaDAMoEPreTrainedModel(PreTrainedModel):
         "attentions": LLaDAMoEAttention,
     }
 
+    def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
+        # Default: grouped_mm that dequantizes quantized experts a group at a time (plain weights: grouped_mm).
+        return super().get_correct_experts_implementation(requested_experts or DEFAULT_EXPERTS_IMPLEMENTATION)
+
     @classmethod
     def _can_set_experts_implementation(cls) -> bool:
         # transformers looks for the decorator in the source file of the model class; say it directly instead.
@@ -413,6 +530,15 @@ class LLaDAMoEPreTrainedModel(PreTrainedModel):
     def save_pretrained(self, save_directory: str | Path, *args, **kwargs) -> None:
         """Save weights (official per-expert keys), config with `auto_map`, the model code and a model card (the
         generation config too, for the LM), so the folder loads with `trust_remote_code=True` anywhere."""
+        if getattr(self, "hf_quantizer", None) is not None:
+            # Packed 4-bit bytes and int8 rows cannot be cut back into per-expert tensors: a quantized model is saved
+            # in its own flattened layout, which reloads exactly (transformers' reverse conversion would fail).
+            if kwargs.get("save_original_format"):
+                raise ValueError(
+                    "save_original_format=True: a quantized LLaDA-MoE cannot be written in the official per-expert "
+                    "layout; save it without that flag (the flattened layout reloads bit-exactly)."
+                )
+            kwargs["save_original_format"] = False
         auto_map = dict(MODEL_FILES_AUTO_MAP)
         if not isinstance(self, LLaDAMoEForMaskedLM):
             auto_map["AutoModel"] = f"modeling_llada_moe.{type(self).__name__}"

@@ -28,3 +28,10 @@ def test_forward_benchmark_prints_its_table():
     out = run("benchmarks/forward.py", "--tokens", "4", "--repeats", "1", "--dtype", "float32")
     lines = [line for line in out.splitlines() if "|" in line]
     assert len(lines) == 4 and all(name in out for name in ("eager", "grouped_mm", "batched_mm"))
+
+
+def test_quantized_inference_example():
+    estimate = run("examples/quantized_inference.py", "--estimate")
+    assert "| nf4 + dq | 4.43 |" in estimate
+    out = run("examples/quantized_inference.py", "--tiny", "--bits", "4", "--device-map", "cpu")
+    assert "| quantization_state |" in out and "tokens/forward" in out

@@ -18,7 +18,7 @@ def ids(batch=2, length=12, seed=0):
 
 
 ATTN = ["eager", "sdpa", "flex_attention"]
-EXPERTS = ["eager", "grouped_mm", "batched_mm"]
+EXPERTS = ["eager", "grouped_mm", "batched_mm", "grouped_mm_chunked"]
 
 
 @torch.no_grad()
@@ -207,7 +207,7 @@ def test_experts_implementation_selection(tmp_path):
     tiny_model().save_pretrained(tmp_path)
     model = LLaDAMoEForMaskedLM.from_pretrained(tmp_path, experts_implementation="batched_mm")
     assert model.config._experts_implementation == "batched_mm"
-    assert LLaDAMoEForMaskedLM.from_pretrained(tmp_path).config._experts_implementation == "grouped_mm"
+    assert LLaDAMoEForMaskedLM.from_pretrained(tmp_path).config._experts_implementation == "grouped_mm_chunked"
     with pytest.raises((ValueError, KeyError), match="no_such_impl"):
         model.set_experts_implementation("no_such_impl")
 

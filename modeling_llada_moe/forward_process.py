@@ -6,8 +6,58 @@ import it from here (saved Hub folders carry only this package, so it cannot liv
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 import torch.nn.functional as F
+
+
+TIME_EPSILON = 1e-3  # LLaDA: p_mask = (1 - eps) * t + eps keeps the 1/t weight finite
+
+
+def sample_noise_levels(
+    batch: int,
+    generator: torch.Generator | None = None,
+    eps: float = TIME_EPSILON,
+    stratified: bool = False,
+    device=None,
+) -> torch.Tensor:
+    """One masking probability per row: (1 - eps) * u + eps with u ~ U(0, 1), i.i.d. as in LLaDA, or stratified
+    (u_i = (u_0 + i / batch) mod 1: each u_i is still uniform, the batch covers [0, 1) evenly). Returns [batch]."""
+    if stratified:
+        u = (torch.rand((), generator=generator) + torch.arange(batch) / batch) % 1.0
+    else:
+        u = torch.rand(batch, generator=generator)
+    return ((1 - eps) * u + eps).to(device)
+
+
+def bernoulli_mask(
+    input_ids: torch.Tensor,
+    supervised: torch.Tensor,
+    noise_levels: torch.Tensor,
+    mask_token_id: int,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask each supervised position of row i independently with probability `noise_levels[i]` (the paper's forward
+    process; the prompt is never masked). Returns (noisy_ids, masked)."""
+    draws = torch.rand(input_ids.shape, generator=generator).to(input_ids.device)
+    masked = (draws < noise_levels[:, None].to(draws.device)) & supervised
+    return input_ids.masked_fill(masked, mask_token_id), masked
+
+
+def uniform_mask_counts(lengths: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Per row, a number of positions to mask drawn uniformly from {1..lengths[i]} (LLaDA's count form)."""
+    u = torch.rand(lengths.shape, generator=generator).to(lengths.device)
+    return (u * lengths).floor().long().clamp(max=lengths - 1) + 1
+
+
+def example_generator(seed: int, *sequences) -> torch.Generator:
+    """A CPU generator seeded from `seed` and the token ids of an example, so its masks can be drawn again."""
+    digest = hashlib.sha256(str(seed).encode())
+    for sequence in sequences:
+        values = sequence.tolist() if isinstance(sequence, torch.Tensor) else list(sequence)
+        digest.update(b"|" + ",".join(map(str, values)).encode())
+    return torch.Generator().manual_seed(int.from_bytes(digest.digest()[:8], "little") & (2**63 - 1))
 
 
 def stratified_mask_counts(
@@ -49,6 +99,13 @@ def masked_token_nll(logits: torch.Tensor, input_ids: torch.Tensor, masked: torc
     """Per-row sum of the cross-entropy of the masked positions: [N] float32."""
     nll = F.cross_entropy(logits.float().transpose(1, 2), input_ids, reduction="none")
     return (nll * masked).sum(dim=-1)
+
+
+def time_weighted_nll(
+    logits: torch.Tensor, input_ids: torch.Tensor, masked: torch.Tensor, noise_levels: torch.Tensor
+) -> torch.Tensor:
+    """The paper's per-row ELBO term: masked cross-entropy divided by the row's masking probability. [N] float32."""
+    return masked_token_nll(logits, input_ids, masked) / noise_levels.float()
 
 
 def elbo_weighted_nll(

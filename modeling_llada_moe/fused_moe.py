@@ -18,7 +18,8 @@ registers; the double-quantized absmax (uint8 codes + per-256 fp32 scales + offs
 Nothing of the size of an expert stack is ever materialised.
 
 The kernels are inference-only: under autograd (grad enabled and an input or weight requiring grad) dense weights go
-through transformers' `grouped_mm_experts_forward` (training uses grouped_mm), and 4-bit weights raise. CPU tensors
+through transformers' `grouped_mm_experts_forward` (training uses grouped_mm), and 4-bit weights through the
+package's `grouped_mm_chunked` (one group of experts dequantized at a time, so QLoRA trains). CPU tensors
 are only run by the kernels under the Triton interpreter (`TRITON_INTERPRET=1`, tests); otherwise they also go to
 grouped_mm.
 
@@ -33,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers.integrations.moe import grouped_mm_experts_forward
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_experts_forward
 from transformers.utils import logging
 
 
@@ -96,7 +97,7 @@ def _weight_tile(
     stride_wr,
     stride_wk,
     absmax_ptr,
-    code_ptr,
+    code,
     absmax2_ptr,
     code2_ptr,
     offset_ptr,
@@ -115,8 +116,10 @@ def _weight_tile(
         pair = tl.arange(0, BLOCK_K // 2)
         byte_mask = row_mask[:, None] & ((k0 + 2 * pair)[None, :] < K)
         packed = tl.load(w_ptr + rows[:, None] * (K // 2) + (k0 // 2 + pair)[None, :], mask=byte_mask, other=0)
-        nibbles = tl.interleave((packed >> 4) & 15, packed & 15).to(tl.int32)  # [BLOCK_N, BLOCK_K]
-        values = tl.load(code_ptr + nibbles).to(tl.float32)
+        nibbles = tl.reshape(tl.join((packed >> 4) & 15, packed & 15), (packed.shape[0], BLOCK_K)).to(tl.int32)
+        # In-register table lookup: a global-memory gather here is software-pipelined into shared memory per stage
+        # (2-5x the shared memory and ~2.5x the SASS instructions in compiled sm_86/sm_90 code).
+        values = tl.reshape(tl.gather(code, tl.reshape(nibbles, (nibbles.numel,)), 0), nibbles.shape)
         if SCALE_PER_ROW:
             # K % QBLOCK == 0 and QBLOCK % BLOCK_K == 0: one absmax per weight row for the whole tile.
             absmax = _load_absmax(
@@ -197,7 +200,7 @@ def _moe_gemm_kernel(
     expert * N * (2 if GATED else 1), with the up rows N after the gate rows.
     """
     pid = tl.program_id(0)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_n = (N + BLOCK_N - 1) // BLOCK_N
     # Grouped ordering: GROUP_M consecutive M-blocks (mostly one expert) sweep the N-blocks together so an expert's
     # weight tiles are reused from L2.
     pids_per_group = GROUP_M * num_pid_n
@@ -220,9 +223,13 @@ def _moe_gemm_kernel(
     else:
         w_rows = expert.to(tl.int64) * N + offs_n
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if IS_4BIT:
+        code = tl.load(code_ptr + tl.arange(0, 16)).to(tl.float32)  # the 16-value 4-bit codebook (NF4 or FP4)
+    else:
+        code = tl.full((16,), 0.0, tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     if GATED:
-        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_up = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(
@@ -239,7 +246,7 @@ def _moe_gemm_kernel(
             stride_wr,
             stride_wk,
             absmax_ptr,
-            code_ptr,
+            code,
             absmax2_ptr,
             code2_ptr,
             offset_ptr,
@@ -261,7 +268,7 @@ def _moe_gemm_kernel(
                 stride_wr,
                 stride_wk,
                 absmax_ptr,
-                code_ptr,
+                code,
                 absmax2_ptr,
                 code2_ptr,
                 offset_ptr,
@@ -275,7 +282,7 @@ def _moe_gemm_kernel(
             acc_up = tl.dot(a, w_up.to(a.dtype), acc_up, input_precision=DOT_PRECISION)
 
     if GATED:
-        acc = acc * tl.sigmoid(acc) * acc_up
+        acc = acc / (1.0 + tl.exp(-acc)) * acc_up  # silu(gate) * up
     else:
         acc = acc * tl.load(route_weight_ptr + slots, mask=slot_mask, other=0.0).to(tl.float32)[:, None]
     c_ptrs = c_ptr + slots.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
@@ -323,8 +330,8 @@ def select_config(num_slots: int, num_experts: int, is_4bit: bool = False) -> Mo
         return MoEConfig(32, GemmConfig(64, 64, 4, 4, 4), GemmConfig(64, 64, 4, 4, 4))
     if per_expert <= 128:
         return MoEConfig(64, GemmConfig(64, 64, 8, 4, 3), GemmConfig(128, 64, 8, 4, 3))
-    # 4-bit: the dequantized tile lives in registers next to the accumulator; 64-wide down tiles avoid spills on
-    # sm_80-class GPUs (ptxas: 255 registers + spills at 128).
+    # 4-bit: the dequantized tile lives in registers next to the accumulator; 64-wide down tiles keep ptxas at ~128
+    # registers on sm_80/86 (~250 at 128 wide).
     return MoEConfig(128, GemmConfig(64, 64, 8, 8, 3), GemmConfig(64 if is_4bit else 128, 64, 8, 8, 3))
 
 
@@ -411,36 +418,44 @@ def _describe_weight(weight: torch.Tensor, rows: int, cols: int) -> _Weight:
     return described
 
 
-def _align(top_k_index: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Sort token slots by expert and pad each expert's group to a multiple of `block_m` (torch ops, no host sync).
+def _align(
+    top_k_index: torch.Tensor, num_experts: int, block_m: int, drop_invalid: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Sort token slots by expert and pad each expert's group to a multiple of `block_m` (torch ops, no host sync,
+    so the whole forward can be captured in a CUDA graph).
 
-    Returns `slots` [num_blocks * block_m] int32 (slot ids; padding entries hold num_slots), `block_expert`
-    [num_blocks] int32 (the expert of each M-block, -1 past the padded end) and num_blocks, an upper bound that only
-    depends on shapes. Expert ids outside [0, E) (expert-parallel sentinels) are dropped.
+    Returns `slots` [num_blocks * block_m] int32 (slot ids in expert order; padding entries hold num_slots),
+    `block_expert` [num_blocks] int32 (the expert of each M-block, -1 past the padded end) and num_blocks, an upper
+    bound that only depends on shapes. With `drop_invalid`, expert ids outside [0, E) (expert-parallel sentinels) are
+    left out; otherwise all ids must be valid.
     """
     device = top_k_index.device
     expert_ids = top_k_index.reshape(-1)
     num_slots = expert_ids.numel()
-    expert_ids = torch.where((expert_ids >= 0) & (expert_ids < num_experts), expert_ids, num_experts)
+    if drop_invalid:
+        expert_ids = torch.where((expert_ids >= 0) & (expert_ids < num_experts), expert_ids, num_experts)
     sorted_ids, order = torch.sort(expert_ids, stable=True)
+    # starts[e]: first sorted position of expert e; starts[E]: number of valid slots.
     starts = torch.searchsorted(sorted_ids, torch.arange(num_experts + 1, device=device, dtype=sorted_ids.dtype))
-    counts = starts[1:] - starts[:-1]
-    padded_end = torch.cumsum((counts + block_m - 1) // block_m * block_m, dim=0)
-    padded_start = padded_end - (counts + block_m - 1) // block_m * block_m
+    padded = (starts[1:] - starts[:-1] + block_m - 1) // block_m * block_m
+    padded_end = torch.cumsum(padded, dim=0)
+    # Sorted position p of expert e lands at padded_start[e] + (p - starts[e]) = p + shift[e].
+    shift = padded_end - padded - starts[:-1]
     # At most min(slots, E) experts are non-empty, and each wastes fewer than block_m rows.
     num_blocks = -(-(num_slots + min(num_slots, num_experts) * (block_m - 1)) // block_m)
     capacity = num_blocks * block_m
-
     position = torch.arange(num_slots, device=device)
-    expert = sorted_ids.clamp(max=num_experts - 1)
-    dest = padded_start[expert] + position - starts[expert]
-    # Dropped slots (sorted last) go to distinct rows past the capacity, sliced off below.
-    dest = torch.where(sorted_ids < num_experts, dest, capacity + position - starts[num_experts])
-    slots = torch.full((capacity + num_slots,), num_slots, dtype=torch.int32, device=device)
+    if drop_invalid:
+        # Dropped slots (sorted last) go to distinct rows past the capacity, sliced off below.
+        valid = sorted_ids < num_experts
+        dest = torch.where(valid, position + shift[sorted_ids.clamp(max=num_experts - 1)], capacity + position)
+    else:
+        dest = position + shift[sorted_ids]
+    slots = torch.full((capacity + num_slots * drop_invalid,), num_slots, dtype=torch.int32, device=device)
     slots.scatter_(0, dest, order.to(torch.int32))
-    block_start = torch.arange(num_blocks, device=device, dtype=padded_end.dtype) * block_m
-    block_expert = torch.searchsorted(padded_end, block_start, right=True)
-    block_expert = torch.where(block_expert < num_experts, block_expert, -1).to(torch.int32)
+    block_start = torch.arange(0, capacity, block_m, device=device, dtype=padded_end.dtype)
+    block_expert = torch.searchsorted(padded_end, block_start, right=True).to(torch.int32)
+    block_expert.masked_fill_(block_expert >= num_experts, -1)
     return slots[:capacity], block_expert, num_blocks
 
 
@@ -462,6 +477,12 @@ def _launch_gemm(
     if weight.is_4bit and config.block_k % 2:
         raise ValueError("4-bit tiles need an even block_k")
     scale_per_row = weight.is_4bit and k % weight.qblock == 0 and weight.qblock % config.block_k == 0
+    num_stages = config.num_stages
+    if weight.is_4bit and not scale_per_row:
+        # Rows that are not a whole number of quantization blocks (e.g. I < 64) need a per-element absmax gather,
+        # which the pipeliner would stage in shared memory (~190 KB at 3 stages, BLOCK_M 128); such shapes are small
+        # models, so run them unpipelined.
+        num_stages = 1
     # Unused pointer arguments (dense weights, the gate_up route weights) get any valid tensor; their loads are
     # compiled out by the constexpr flags.
     dummy = weight.data
@@ -502,7 +523,7 @@ def _launch_gemm(
         SCALE_PER_ROW=scale_per_row,
         DOT_PRECISION=fp32_precision if a.dtype == torch.float32 else "ieee",
         num_warps=config.num_warps,
-        num_stages=config.num_stages,
+        num_stages=num_stages,
     )
 
 
@@ -515,18 +536,20 @@ def fused_moe(
     num_experts: int,
     intermediate_dim: int,
     config: MoEConfig | None = None,
+    expert_parallel: bool = False,
 ) -> torch.Tensor:
     """SwiGLU MoE over flattened expert weights with the Triton kernels (no autograd).
 
     Args:
         hidden_states: [N, H] activations (bf16/fp16 on GPU; fp32/fp16 under the interpreter).
-        top_k_index: [N, k] expert ids (ids outside [0, E) contribute nothing).
+        top_k_index: [N, k] expert ids in [0, E).
         top_k_weights: [N, k] routing weights.
         gate_up_weight: [E*2I, H] dense weight (expert e: I gate rows then I up rows) or a bitsandbytes Params4bit
             quantizing it.
         down_weight: [E*H, I] dense weight or Params4bit.
         num_experts, intermediate_dim: E and I.
         config: tiles; default `select_config(N*k, E, is_4bit)` per chunk.
+        expert_parallel: ids outside [0, E) may occur (expert-parallel sentinels) and contribute nothing.
 
     Returns:
         [N, H] in `hidden_states.dtype`: sum over slots j of w[n, j] * down_e(silu(gate_e(x)) * up_e(x)), e = idx[n, j].
@@ -542,24 +565,18 @@ def fused_moe(
     compute_dtype = dense_dtypes.pop() if dense_dtypes else hidden_states.dtype
     if compute_dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"unsupported compute dtype {compute_dtype}")
-    out = torch.empty(num_tokens, hidden_dim, dtype=hidden_states.dtype, device=hidden_states.device)
     if num_tokens == 0 or top_k == 0:
-        return out.zero_()
+        return hidden_states.new_zeros(num_tokens, hidden_dim)
 
     x = hidden_states.to(compute_dtype)  # no-op unless autocast handed us another dtype than the weights'
+    args = (gate_up, down, num_experts, intermediate_dim, config, expert_parallel)
     chunk = max(1, MAX_SLOTS_PER_CHUNK // top_k)
+    if num_tokens <= chunk:
+        return _fused_moe_chunk(x, top_k_index, top_k_weights, *args).to(hidden_states.dtype)
+    out = torch.empty(num_tokens, hidden_dim, dtype=hidden_states.dtype, device=hidden_states.device)
     for start in range(0, num_tokens, chunk):
         stop = min(start + chunk, num_tokens)
-        out[start:stop] = _fused_moe_chunk(
-            x[start:stop],
-            top_k_index[start:stop],
-            top_k_weights[start:stop],
-            gate_up,
-            down,
-            num_experts,
-            intermediate_dim,
-            config,
-        )
+        out[start:stop] = _fused_moe_chunk(x[start:stop], top_k_index[start:stop], top_k_weights[start:stop], *args)
     return out
 
 
@@ -572,13 +589,15 @@ def _fused_moe_chunk(
     num_experts: int,
     intermediate_dim: int,
     config: MoEConfig | None,
+    expert_parallel: bool,
 ) -> torch.Tensor:
+    """One launch pair plus the combine; returns fp32 [N, H]."""
     num_tokens, hidden_dim = x.shape
     top_k = top_k_index.shape[-1]
     num_slots = num_tokens * top_k
     if config is None:
         config = select_config(num_slots, num_experts, gate_up.is_4bit or down.is_4bit)
-    slots, block_expert, num_blocks = _align(top_k_index, num_experts, config.block_m)
+    slots, block_expert, num_blocks = _align(top_k_index, num_experts, config.block_m, expert_parallel)
 
     intermediate = torch.empty(num_slots, intermediate_dim, dtype=x.dtype, device=x.device)
     _launch_gemm(
@@ -613,15 +632,24 @@ def _fused_moe_chunk(
         config.block_m,
         config.down,
     )
-    # Slots routed outside [0, E) are never written: zero them (rare; expert-parallel sentinels only).
-    dropped = (top_k_index < 0) | (top_k_index >= num_experts)
-    weighted = weighted.masked_fill(dropped.reshape(-1, 1), 0.0)
+    if expert_parallel:  # rows of dropped slots were never written
+        dropped = (top_k_index < 0) | (top_k_index >= num_experts)
+        weighted.masked_fill_(dropped.reshape(-1, 1), 0.0)
     # Deterministic combine: per-token sum over its k slots, accumulated in fp32.
     return weighted.view(num_tokens, top_k, hidden_dim).sum(dim=1, dtype=torch.float32)
 
 
 def _is_silu(act_fn: nn.Module) -> bool:
     return isinstance(act_fn, nn.SiLU) or type(act_fn).__name__ == "SiLUActivation"
+
+
+def _fallback(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+    # Quantized containers: the package's chunk-dequantizing grouped_mm when it is registered (the modeling file
+    # registers "grouped_mm_chunked"); transformers' grouped_mm (whole-stack properties) otherwise.
+    quantized = any(not torch.is_floating_point(w) for w in (self.gate_up.weight, self.down.weight))
+    if quantized and "grouped_mm_chunked" in ALL_EXPERTS_FUNCTIONS:
+        return ALL_EXPERTS_FUNCTIONS["grouped_mm_chunked"](self, hidden_states, top_k_index, top_k_weights)
+    return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
 
 
 def fused_moe_experts_forward(
@@ -643,28 +671,24 @@ def fused_moe_experts_forward(
         [N, H] in `hidden_states.dtype`.
 
     Training uses grouped_mm: when autograd is recording (`torch.is_grad_enabled()` and the inputs or weights
-    require grad) dense weights fall back to transformers' `grouped_mm_experts_forward`, and 4-bit weights raise a
-    `RuntimeError` (select `grouped_mm` explicitly to train through dequantized 4-bit experts). Layouts the kernels do
-    not cover (non-SiLU activation, biases, transposed weights, 8-bit weights) and tensors on a non-CUDA device
-    (outside the Triton interpreter) also go to `grouped_mm_experts_forward`.
+    require grad) dense weights fall back to transformers' `grouped_mm_experts_forward` and 4-bit weights to
+    `grouped_mm_chunked` (dequantized a group of experts at a time), so QLoRA trains with exact gradients.
+    What the kernels do not cover (non-SiLU activation, biases, transposed weights, 8-bit weights, tensors on a
+    non-CUDA device outside the Triton interpreter) runs through grouped_mm instead (`grouped_mm_chunked` for
+    quantized containers when registered).
 
     Raises:
         ImportError: Triton is not installed.
     """
     _require_triton()
     gate_up_weight, down_weight = self.gate_up.weight, self.down.weight
-    is_4bit = _is_params4bit(gate_up_weight) or _is_params4bit(down_weight)
     needs_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (hidden_states, top_k_weights, gate_up_weight, down_weight)
     )
     if needs_grad:
-        if is_4bit:
-            raise RuntimeError(
-                "The 'llada_fused' experts kernels are inference-only and 4-bit expert weights have no fused "
-                "backward; training uses grouped_mm: call model.set_experts_implementation('grouped_mm') "
-                "(or run under torch.no_grad())."
-            )
-        return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+        # The kernels have no backward: training (QLoRA included) goes through grouped_mm, chunk-dequantizing 4-bit
+        # experts, which gives exact input gradients.
+        return _fallback(self, hidden_states, top_k_index, top_k_weights)
 
     supported_layout = (
         _is_silu(self.act_fn)
@@ -674,17 +698,17 @@ def fused_moe_experts_forward(
         and not getattr(self, "has_post_expert_norm", False)
         and getattr(self, "is_concatenated", True)
     )
-    dense_ok = all(
+    weights_ok = all(
         _is_params4bit(w) or w.dtype in (torch.float16, torch.bfloat16, torch.float32)
         for w in (gate_up_weight, down_weight)
     )
     on_device = hidden_states.is_cuda or _interpreting()
-    if not (supported_layout and dense_ok and on_device):
+    if not (supported_layout and weights_ok and on_device):
         logger.warning_once(
-            "'llada_fused' experts: unsupported layout, weight type or device (the kernels need CUDA); "
-            "using grouped_mm instead."
+            "'llada_fused' experts: layout, weight format or device not covered by the Triton kernels (they need "
+            "CUDA); running grouped_mm instead."
         )
-        return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+        return _fallback(self, hidden_states, top_k_index, top_k_weights)
 
     return fused_moe(
         hidden_states,
@@ -694,4 +718,5 @@ def fused_moe_experts_forward(
         down_weight,
         self.num_experts,
         self.intermediate_dim,
+        expert_parallel=getattr(self, "_is_expert_parallel", False),
     )

@@ -8,6 +8,7 @@ key-padding mask, the router runs in fp32, and `labels` / `output_router_logits`
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -381,8 +382,24 @@ def grouped_mm_chunked_experts_forward(
     return output.to(hidden_states.dtype)
 
 
+def llada_fused_experts_forward(
+    self: LLaDAMoEExperts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """'llada_fused': the Triton fused-MoE kernels (dense or NF4 experts), imported on first use; needs triton."""
+    from .fused_moe import fused_moe_experts_forward
+
+    return fused_moe_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+
+
 ALL_EXPERTS_FUNCTIONS.register("grouped_mm_chunked", grouped_mm_chunked_experts_forward)
-DEFAULT_EXPERTS_IMPLEMENTATION = "grouped_mm_chunked"
+ALL_EXPERTS_FUNCTIONS.register("llada_fused", llada_fused_experts_forward)
+
+
+def default_experts_implementation() -> str:
+    """The fused Triton kernels on CUDA with triton installed, else grouped_mm that dequantizes a group at a time."""
+    if torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
+        return "llada_fused"
+    return "grouped_mm_chunked"
 
 
 class LLaDAMoETopKRouter(nn.Module):
@@ -511,8 +528,7 @@ class LLaDAMoEPreTrainedModel(PreTrainedModel):
     }
 
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
-        # Default: grouped_mm that dequantizes quantized experts a group at a time (plain weights: grouped_mm).
-        return super().get_correct_experts_implementation(requested_experts or DEFAULT_EXPERTS_IMPLEMENTATION)
+        return super().get_correct_experts_implementation(requested_experts or default_experts_implementation())
 
     @classmethod
     def _can_set_experts_implementation(cls) -> bool:
@@ -755,7 +771,8 @@ class LLaDAMoEForMaskedLM(DiffusionGenerationMixin, LLaDAMoEPreTrainedModel):
         output_router_logits (`bool`, *optional*):
             Return each MoE layer's router logits and add the weighted load-balancing and z-losses to `loss`.
         logits_to_keep (`int` or `torch.Tensor`, *optional*):
-            Compute logits for the last `n` positions only (0 = all), or for the given position indices.
+            Compute logits for the last `n` positions only (0 = all), for the given position indices, or, with a
+            [B, T] bool mask, for the selected positions only (logits [N, V]; the masked-token training path).
         """
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
@@ -775,7 +792,16 @@ class LLaDAMoEForMaskedLM(DiffusionGenerationMixin, LLaDAMoEPreTrainedModel):
             output_router_logits=output_router_logits,
             **kwargs,
         )
-        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        if isinstance(logits_to_keep, torch.Tensor) and logits_to_keep.dtype == torch.bool:
+            # A [B, T] position mask: logits of the selected positions only, [N, V] (training scores masked tokens)
+            if labels is not None or logits_to_keep.shape != outputs.last_hidden_state.shape[:2]:
+                raise ValueError(
+                    f"logits_to_keep as a bool mask must have shape {tuple(outputs.last_hidden_state.shape[:2])} and "
+                    "comes without labels (score the selected logits yourself)"
+                )
+            hidden_states = outputs.last_hidden_state[logits_to_keep]
+        else:
+            hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
         logits = self.lm_head(hidden_states)
 
         loss = masked_lm_loss(logits, labels) if labels is not None else None

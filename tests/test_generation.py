@@ -2,12 +2,9 @@
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import tiny_model, tiny_tokenizer
 from reference_sampler import llada_reference_generate
-from tokenizers import Tokenizer
-from tokenizers.models import WordLevel
-from tokenizers.pre_tokenizers import WhitespaceSplit
-from transformers import PreTrainedTokenizerFast, TextStreamer
+from transformers import TextStreamer
 from transformers.generation.streamers import BaseStreamer
 
 from benchmarks.tiny_task import DIGITS, reversal_batch
@@ -26,13 +23,6 @@ MASK, PAD = 126, 120
 
 def prompts(batch=2, length=6, seed=0):
     return torch.randint(0, 120, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {f"t{i}": i for i in range(128)}
-    backend = Tokenizer(WordLevel(vocab, unk_token="t0"))
-    backend.pre_tokenizer = WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="t120", eos_token="t120", mask_token="t126")
 
 
 # --- reference exactness -------------------------------------------------------------------------------------------

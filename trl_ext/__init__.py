@@ -1,5 +1,11 @@
-"""TRL trainers for LLaDA-MoE: masked-diffusion SFT and VRPO preference optimization.
+"""TRL trainers for LLaDA-MoE: masked-diffusion SFT (and VRPO preference optimization)."""
 
-Not yet implemented: the trainers arrive with their own issue. The package exists so the distribution's layout is
-final; it exports nothing until then.
-"""
+from .sft import TRAINING_CHAT_TEMPLATE_PATH, DataCollatorForDiffusionSFT, DiffusionSFTConfig, DiffusionSFTTrainer
+
+
+__all__ = [
+    "TRAINING_CHAT_TEMPLATE_PATH",
+    "DataCollatorForDiffusionSFT",
+    "DiffusionSFTConfig",
+    "DiffusionSFTTrainer",
+]

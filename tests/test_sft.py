@@ -1,0 +1,271 @@
+"""DiffusionSFTTrainer: the LLaDA SFT loss, masking, collator, data formats, metrics, PEFT/QLoRA and learning."""
+
+import random
+
+import pytest
+import torch
+from conftest import tiny_model, tiny_tokenizer
+from datasets import Dataset
+
+from modeling_llada_moe.forward_process import bernoulli_mask, sample_noise_levels
+from trl_ext import TRAINING_CHAT_TEMPLATE_PATH, DataCollatorForDiffusionSFT, DiffusionSFTConfig, DiffusionSFTTrainer
+
+
+MASK, EOS = 126, 120
+
+
+def config(tmp_path, **overrides) -> DiffusionSFTConfig:
+    settings = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        max_steps=3,
+        learning_rate=1e-3,
+        report_to="none",
+        bf16=False,
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=1,
+        gradient_checkpointing=False,
+        dataloader_num_workers=0,
+    )
+    return DiffusionSFTConfig(**{**settings, **overrides})
+
+
+def digits(rng, k):
+    return [rng.randint(1, 10) for _ in range(k)]
+
+
+def reversal_dataset(size, seed=0, k=4):
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(size):
+        d = digits(rng, k)
+        rows.append(
+            {"prompt": " ".join(f"t{x}" for x in d) + " t100", "completion": " " + " ".join(f"t{x}" for x in d[::-1])}
+        )
+    return Dataset.from_list(rows)
+
+
+def trainer_for(tmp_path, model=None, **overrides):
+    return DiffusionSFTTrainer(
+        model=model or tiny_model(),
+        args=config(tmp_path, **overrides),
+        train_dataset=reversal_dataset(16),
+        processing_class=tiny_tokenizer(),
+    )
+
+
+# --- the loss ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("normalization", ["answer_length", "supervised_tokens", "batch", "all_tokens"])
+def test_loss_equals_an_independent_computation(tmp_path, normalization):
+    trainer = trainer_for(tmp_path, loss_normalization=normalization, load_balance_coef=0.0, z_loss_coef=0.0)
+    model = trainer.model
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    batch["labels"][1, -1] = -100  # a row whose response does not reach the end
+    torch.manual_seed(123)
+    loss = trainer.compute_loss(model, dict(batch))
+
+    # Same seed, same draws: the noise levels and the mask, then the loss from the full logits by hand.
+    torch.manual_seed(123)
+    supervised = batch["labels"] != -100
+    targets = torch.where(supervised, batch["labels"], batch["input_ids"])
+    t = sample_noise_levels(4, None, 1e-3)
+    noisy, masked = bernoulli_mask(targets, supervised, t, MASK)
+    logits = model(noisy, attention_mask=batch["attention_mask"]).logits
+    nll = -torch.log_softmax(logits.float(), -1).gather(-1, targets[..., None]).squeeze(-1)
+    weighted = torch.where(masked, nll, 0.0) / t[:, None]
+    expected = {
+        "answer_length": (weighted.sum(1) / supervised.sum(1)).mean(),
+        "supervised_tokens": weighted.sum() / supervised.sum(),
+        "batch": weighted.sum() / 4,
+        "all_tokens": weighted.sum() / batch["attention_mask"].sum(),
+    }[normalization]
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_router_losses_are_added_with_their_coefficients(tmp_path):
+    trainer = trainer_for(tmp_path, load_balance_coef=0.5, z_loss_coef=0.25)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    torch.manual_seed(0)
+    with_aux = trainer.compute_loss(trainer.model, dict(batch))
+    trainer.args.load_balance_coef = trainer.args.z_loss_coef = 0.0
+    torch.manual_seed(0)
+    without = trainer.compute_loss(trainer.model, dict(batch))
+    torch.manual_seed(0)
+    supervised = batch["labels"] != -100
+    targets = torch.where(supervised, batch["labels"], batch["input_ids"])
+    noisy, _ = bernoulli_mask(targets, supervised, sample_noise_levels(4, None, 1e-3), MASK)
+    out = trainer.model(noisy, attention_mask=batch["attention_mask"], output_router_logits=True)
+    torch.testing.assert_close(with_aux - without, 0.5 * out.aux_loss + 0.25 * out.z_loss, atol=1e-5, rtol=1e-5)
+
+
+def test_masks_never_touch_prompt_tokens(tmp_path):
+    trainer = trainer_for(tmp_path)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    seen = []
+    handle = trainer.model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["input_ids"].clone()), with_kwargs=True
+    )
+    for seed in range(30):
+        torch.manual_seed(seed)
+        trainer.compute_loss(trainer.model, dict(batch))
+    handle.remove()
+    prompt = batch["labels"] == -100
+    for noisy in seen:
+        assert torch.equal(noisy[prompt], batch["input_ids"][prompt])
+        changed = noisy != batch["input_ids"]
+        assert (noisy[changed] == MASK).all()
+    rate = torch.stack([(noisy == MASK).float().sum() / (~prompt).sum() for noisy in seen]).mean()
+    assert 0.3 < rate < 0.7  # t ~ U(0, 1): half of the response on average
+
+
+# --- collator and data -------------------------------------------------------------------------------------------
+
+
+def test_collator_pads_with_a_supervised_eos_tail():
+    collator = DataCollatorForDiffusionSFT(eos_token_id=EOS)
+    batch = collator(
+        [
+            {"input_ids": [1, 2, 3, 4], "labels": [-100, -100, 3, 4]},
+            {"input_ids": [5, 6], "labels": [-100, 6]},
+            {"input_ids": [7, 8, 9], "labels": [-100, 8, -100]},  # ends unsupervised: no tail supervision
+        ]
+    )
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4], [5, 6, EOS, EOS], [7, 8, 9, EOS]]
+    assert batch["labels"].tolist() == [[-100, -100, 3, 4], [-100, 6, EOS, EOS], [-100, 8, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1] * 4] * 3  # the EOS tail is visible
+    cropped = DataCollatorForDiffusionSFT(eos_token_id=EOS, random_length_prob=1.0)
+    features = [{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}, {"input_ids": list(range(1, 9)), "labels": [5] * 8}]
+    batches = [cropped(features) for _ in range(60)]
+    assert {b["input_ids"].shape[1] for b in batches} == set(range(2, 9))  # every prompt + 1 response token kept
+    for b in batches:
+        width = b["input_ids"].shape[1]
+        assert torch.equal(b["input_ids"], collator(features)["input_ids"][:, :width])
+    assert DataCollatorForDiffusionSFT(eos_token_id=EOS, random_length_prob=0.0)(features)["input_ids"].shape[1] == 8
+
+
+def test_conversational_data_supervises_assistant_turns_only(tmp_path):
+    tokenizer = tiny_tokenizer(TRAINING_CHAT_TEMPLATE_PATH.read_text())
+    data = Dataset.from_list(
+        [{"messages": [{"role": "user", "content": "t5 t7"}, {"role": "assistant", "content": "t7 t5"}]}] * 4
+    )
+    trainer = DiffusionSFTTrainer(
+        model=tiny_model(),
+        args=config(tmp_path, assistant_only_loss=True),
+        train_dataset=data,
+        processing_class=tokenizer,
+    )
+    row = trainer.train_dataset[0]
+    role_end = tokenizer.convert_tokens_to_ids("<|role_end|>")
+    assert row["input_ids"] == [110, 113, 111, 5, 7, role_end, 110, 114, 111, 7, 5, role_end]
+    assert row["labels"] == [-100] * 9 + [7, 5, role_end]
+    trainer.train()
+    assert trainer.state.log_history[-1]["train_loss"] is not None
+
+
+def test_prompt_completion_data_supervises_the_completion(tmp_path):
+    trainer = trainer_for(tmp_path)
+    row = trainer.train_dataset[0]
+    assert row["labels"][:5] == [-100] * 5 and row["labels"][5:] == row["input_ids"][5:]
+    assert row["input_ids"][-1] == EOS  # TRL appends EOS to the completion
+
+
+def test_invalid_settings_are_rejected(tmp_path):
+    with pytest.raises(ValueError, match="packing=True"):
+        config(tmp_path, packing=True)
+    with pytest.raises(ValueError, match="loss_normalization='tokens'"):
+        config(tmp_path, loss_normalization="tokens")
+    with pytest.raises(ValueError, match="router_aux_loss_coef=0.01"):
+        config(tmp_path, router_aux_loss_coef=0.01)
+    with pytest.raises(ValueError, match="mask_token_id=500"):
+        trainer_for(tmp_path, mask_token_id=500)
+
+
+# --- training ----------------------------------------------------------------------------------------------------
+
+
+def test_training_logs_metrics_and_keeps_the_model_config(tmp_path):
+    model = tiny_model()
+    trainer = trainer_for(tmp_path, model=model, gradient_accumulation_steps=2, gradient_checkpointing=True)
+    before = {name: p.clone() for name, p in model.named_parameters()}
+    trainer.train()
+    logged = trainer.state.log_history[0]
+    for key in ("diffusion/masked_accuracy", "diffusion/nll", "diffusion/mask_ratio", "aux/load_balance", "aux/z_loss"):
+        assert key in logged, key
+    changed = [name for name, p in model.named_parameters() if not torch.equal(before[name], p)]
+    assert "model.layers.0.mlp.experts.gate_up.weight" in changed and "model.layers.1.mlp.gate.weight" in changed
+    assert model.config.router_aux_loss_coef == 0.01 and model.config.output_router_logits is False
+
+
+def test_resume_from_checkpoint(tmp_path):
+    trainer = trainer_for(tmp_path, max_steps=4, save_strategy="steps", save_steps=2)
+    trainer.train()
+    resumed = trainer_for(tmp_path, max_steps=6, save_strategy="steps", save_steps=2)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-4"))
+    assert resumed.state.global_step == 6
+
+
+def test_lora_trains_adapters_only(tmp_path):
+    from peft import LoraConfig
+
+    trainer = DiffusionSFTTrainer(
+        model=tiny_model(),
+        args=config(tmp_path),
+        train_dataset=reversal_dataset(16),
+        processing_class=tiny_tokenizer(),
+        peft_config=LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+    )
+    before = {n: p.clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    for name, param in trainer.model.named_parameters():
+        assert torch.equal(before[name], param) != ("lora_" in name), name
+
+
+def test_qlora_on_a_4bit_model(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from quantization import load_quantized, prepare_for_qlora
+
+    folder = tmp_path / "base"
+    tiny_model().save_pretrained(folder)
+    model = prepare_for_qlora(load_quantized(folder, bits=4, device_map="cpu"), r=4)
+    trainer = DiffusionSFTTrainer(
+        model=model, args=config(tmp_path), train_dataset=reversal_dataset(16), processing_class=tiny_tokenizer()
+    )
+    before = {n: p.clone() for n, p in model.named_parameters() if "lora_" in n}
+    trainer.train()
+    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters() if "lora_" in n)
+
+
+def test_sft_learns_digit_reversal(tmp_path):
+    """~0% -> >= 95% exact match (digits and the EOS after them) under diffusion_generate."""
+    tokenizer = tiny_tokenizer()
+    model = tiny_model(seed=0)
+    held_out = reversal_dataset(64, seed=999)
+
+    def exact_match() -> float:
+        model.eval()
+        prompts = torch.tensor([tokenizer(row["prompt"]).input_ids for row in held_out])
+        answers = torch.tensor([tokenizer(row["completion"]).input_ids + [EOS] for row in held_out])
+        out = model.diffusion_generate(prompts, max_new_tokens=5, block_length=5)
+        return (out[:, prompts.shape[1] :] == answers).all(dim=1).float().mean().item()
+
+    before = exact_match()
+    args = config(
+        tmp_path,
+        per_device_train_batch_size=32,
+        max_steps=-1,
+        num_train_epochs=5,
+        learning_rate=3e-3,
+        lr_scheduler_type="cosine",
+        warmup_steps=20,
+        logging_steps=50,
+    )
+    trainer = DiffusionSFTTrainer(
+        model=model, args=args, train_dataset=reversal_dataset(2000), processing_class=tokenizer
+    )
+    trainer.train()
+    after = exact_match()
+    print(f"digit reversal exact match: {before:.2f} -> {after:.2f}")
+    assert before < 0.05 and after >= 0.95

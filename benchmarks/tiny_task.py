@@ -7,7 +7,13 @@ which parallel decoding and the KV caches need to be exercised meaningfully.
 
 from __future__ import annotations
 
+import random
+
 import torch
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from tokenizers.pre_tokenizers import WhitespaceSplit
+from transformers import PreTrainedTokenizerFast
 
 from modeling_llada_moe import LLaDAMoEConfig, LLaDAMoEForMaskedLM
 
@@ -60,3 +66,33 @@ def train_reversal_model(steps: int = 600, seed: int = 0, **config_overrides) ->
         loss.backward()
         optimizer.step()
     return model.eval()
+
+
+SEPARATOR = "t100"
+CHAT_MARKERS = ("<role>", "</role>", "SYSTEM", "HUMAN", "ASSISTANT", "<|role_end|>")
+
+
+def tiny_tokenizer(chat_template: str | None = None) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over "t0".."t127" (pad = eos = "t120", mask = "t126"). With a chat template, the Ling
+    chat markers take ids 110..115 so the vocabulary (and a tiny model) stay 128 wide."""
+    vocab = {f"t{i}": i for i in range(128)}
+    if chat_template is not None:
+        vocab = {token: i for token, i in vocab.items() if not 110 <= i < 116}
+        vocab.update({marker: 110 + j for j, marker in enumerate(CHAT_MARKERS)})
+    backend = Tokenizer(WordLevel(vocab, unk_token="t0"))
+    backend.pre_tokenizer = WhitespaceSplit()
+    if chat_template is not None:
+        backend.add_special_tokens(list(CHAT_MARKERS))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="t120", eos_token="t120", mask_token="t126")
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def reversal_examples(size: int, seed: int = 0, k: int = 4) -> list[dict[str, str]]:
+    """Prompt-completion rows for `tiny_tokenizer`: "d1 .. dk t100" -> " dk .. d1" (digits are t1..t10)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(size):
+        digits = [f"t{rng.randint(1, 10)}" for _ in range(k)]
+        rows.append({"prompt": " ".join(digits) + f" {SEPARATOR}", "completion": " " + " ".join(digits[::-1])})
+    return rows

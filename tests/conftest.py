@@ -5,16 +5,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer
-from tokenizers.models import WordLevel
-from tokenizers.pre_tokenizers import WhitespaceSplit
-from transformers import PreTrainedTokenizerFast
 
 from modeling_llada_moe import LLaDAMoEConfig, LLaDAMoEForMaskedLM
 
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `benchmarks.tiny_task`: the trained tiny model tests and benchmarks share
+from benchmarks.tiny_task import tiny_tokenizer  # noqa: E402, F401 (shared by the test modules)
+
 
 OFFICIAL_SMALL = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "official_small"
 TINY = dict(
@@ -32,25 +30,6 @@ TINY = dict(
     eos_token_id=120,
     mask_token_id=126,
 )
-
-
-def tiny_tokenizer(chat_template: str | None = None) -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over "t0".."t127" (pad = eos = "t120", mask = "t126") plus the Ling chat markers."""
-    vocab = {f"t{i}": i for i in range(128)}
-    markers = ["<role>", "</role>", "SYSTEM", "HUMAN", "ASSISTANT", "<|role_end|>"]
-    if chat_template is not None:
-        # The Ling chat markers take ids 110..115, so the vocabulary (and the tiny model) stay 128 wide.
-        vocab = {
-            **{f"t{i}": i for i in range(128) if not 110 <= i < 116},
-            **{m: 110 + j for j, m in enumerate(markers)},
-        }
-    backend = Tokenizer(WordLevel(vocab, unk_token="t0"))
-    backend.pre_tokenizer = WhitespaceSplit()
-    if chat_template is not None:
-        backend.add_special_tokens(markers)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="t120", eos_token="t120", mask_token="t126")
-    tokenizer.chat_template = chat_template
-    return tokenizer
 
 
 def tiny_config(**overrides) -> LLaDAMoEConfig:

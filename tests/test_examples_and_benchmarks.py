@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 from conftest import ROOT
 
@@ -35,3 +36,49 @@ def test_quantized_inference_example():
     assert "| nf4 + dq | 4.43 |" in estimate
     out = run("examples/quantized_inference.py", "--tiny", "--bits", "4", "--device-map", "cpu")
     assert "| quantization_state |" in out and "tokens/forward" in out
+
+
+SFT_DEMO = ["--tiny", "--report_to", "none", "--bf16", "false", "--use_cpu", "--save_strategy", "no"]
+
+
+def test_sft_example_offline_demo(tmp_path):
+    out = run("examples/sft.py", *SFT_DEMO, "--output_dir", str(tmp_path), "--max_steps", "5", "--demo_examples", "64")
+    assert "exact match before training" in out and "exact match after training" in out
+    assert "training on 1 process(es)" in out and (tmp_path / "model.safetensors").exists()
+
+
+def test_sft_trains_in_two_processes_with_accelerate(tmp_path):
+    launcher = str(Path(sys.executable).with_name("accelerate"))
+    result = subprocess.run(
+        [
+            launcher,
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "examples/sft.py",
+            *SFT_DEMO,
+            "--output_dir",
+            str(tmp_path),
+            "--max_steps",
+            "3",
+            "--demo_examples",
+            "64",
+            "--per_device_train_batch_size",
+            "4",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "training on 2 process(es)" in result.stdout
+    assert (tmp_path / "model.safetensors").exists()

@@ -1,12 +1,11 @@
 """DiffusionSFTTrainer: the LLaDA SFT loss, masking, collator, data formats, metrics, PEFT/QLoRA and learning."""
 
-import random
-
 import pytest
 import torch
 from conftest import tiny_model, tiny_tokenizer
 from datasets import Dataset
 
+from benchmarks.tiny_task import reversal_examples
 from modeling_llada_moe.forward_process import bernoulli_mask, sample_noise_levels
 from trl_ext import TRAINING_CHAT_TEMPLATE_PATH, DataCollatorForDiffusionSFT, DiffusionSFTConfig, DiffusionSFTTrainer
 
@@ -31,19 +30,8 @@ def config(tmp_path, **overrides) -> DiffusionSFTConfig:
     return DiffusionSFTConfig(**{**settings, **overrides})
 
 
-def digits(rng, k):
-    return [rng.randint(1, 10) for _ in range(k)]
-
-
-def reversal_dataset(size, seed=0, k=4):
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(size):
-        d = digits(rng, k)
-        rows.append(
-            {"prompt": " ".join(f"t{x}" for x in d) + " t100", "completion": " " + " ".join(f"t{x}" for x in d[::-1])}
-        )
-    return Dataset.from_list(rows)
+def reversal_dataset(size, seed=0):
+    return Dataset.from_list(reversal_examples(size, seed))
 
 
 def trainer_for(tmp_path, model=None, **overrides):

@@ -96,7 +96,14 @@ def mask_target_positions(
 
 
 def masked_token_nll(logits: torch.Tensor, input_ids: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
-    """Per-row sum of the cross-entropy of the masked positions: [N] float32."""
+    """Per-row sum of the cross-entropy of the masked positions: [N] float32.
+
+    `logits` is [N, T, V], or [M, V] for the masked positions only (row-major order, as the model returns with
+    `logits_to_keep=masked`), which avoids materialising logits for every position of a 157k vocabulary.
+    """
+    if logits.dim() == 2:
+        nll = F.cross_entropy(logits.float(), input_ids[masked], reduction="none")
+        return torch.zeros(masked.shape, dtype=nll.dtype, device=nll.device).masked_scatter(masked, nll).sum(dim=-1)
     nll = F.cross_entropy(logits.float().transpose(1, 2), input_ids, reduction="none")
     return (nll * masked).sum(dim=-1)
 

@@ -272,6 +272,19 @@ def is_quantized_container(linear: nn.Module) -> bool:
     return weight is not None and not torch.is_floating_point(weight)
 
 
+def merge_per_expert_keys(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """`load_state_dict` of a state dict in the official per-expert layout (what `save_pretrained` writes, and what
+    `Trainer` reloads checkpoints from with a raw `load_state_dict`): fold `{e}.gate_proj` / `{e}.up_proj` /
+    `{e}.down_proj` into the `gate_up` / `down` containers, exactly as the load-time conversion does."""
+    names = [f"{prefix}{e}.{proj}.weight" for e in range(module.num_experts) for proj in ("gate_proj", "up_proj")]
+    if all(name in state_dict for name in names):
+        pairs = [state_dict.pop(name) for name in names]
+        state_dict[f"{prefix}gate_up.weight"] = torch.cat(pairs)
+    downs = [f"{prefix}{e}.down_proj.weight" for e in range(module.num_experts)]
+    if all(name in state_dict for name in downs):
+        state_dict[f"{prefix}down.weight"] = torch.cat([state_dict.pop(name) for name in downs])
+
+
 @use_experts_implementation
 class LLaDAMoEExperts(nn.Module):
     """Routed SwiGLU experts, stored as two exact `nn.Linear` containers and exposed as 3-D stacks.
@@ -289,6 +302,7 @@ class LLaDAMoEExperts(nn.Module):
         self.gate_up = nn.Linear(self.hidden_dim, self.num_experts * 2 * self.intermediate_dim, bias=False)
         self.down = nn.Linear(self.intermediate_dim, self.num_experts * self.hidden_dim, bias=False)
         self.act_fn = ACT2FN[config.hidden_act]
+        self.register_load_state_dict_pre_hook(merge_per_expert_keys)
 
     @property
     def gate_up_proj(self) -> torch.Tensor:

@@ -107,6 +107,17 @@ def test_load_save_load_is_bit_exact_with_official_keys(tmp_path, variant):
     assert reloaded.config.mask_token_id == 126
 
 
+def test_raw_state_dict_of_a_saved_folder_loads_strictly(tmp_path):
+    # Trainer reloads checkpoints with a plain load_state_dict of the saved (per-expert) tensors.
+    config = official_config_dict()
+    state_dict = official_state_dict(config, seed=10)
+    model = load(write_official_checkpoint(tmp_path / "official", config, state_dict), mask_token_id=126)
+    other = LLaDAMoEForMaskedLM(model.config)
+    other.load_state_dict(state_dict, strict=True)
+    for key, value in model.state_dict().items():
+        assert torch.equal(other.state_dict()[key], value), key
+
+
 def test_save_is_sharded_with_index(tmp_path):
     config = official_config_dict()
     state_dict = official_state_dict(config, seed=7)

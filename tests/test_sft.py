@@ -187,12 +187,14 @@ def test_training_logs_metrics_and_keeps_the_model_config(tmp_path):
     assert model.config.router_aux_loss_coef == 0.01 and model.config.output_router_logits is False
 
 
-def test_resume_from_checkpoint(tmp_path):
-    trainer = trainer_for(tmp_path, max_steps=4, save_strategy="steps", save_steps=2)
-    trainer.train()
-    resumed = trainer_for(tmp_path, max_steps=6, save_strategy="steps", save_steps=2)
-    resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-4"))
+def test_resume_from_checkpoint_continues_exactly(tmp_path):
+    straight = trainer_for(tmp_path, max_steps=6, save_strategy="steps", save_steps=2)
+    straight.train()
+    resumed = trainer_for(tmp_path, model=tiny_model(seed=7), max_steps=6)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
     assert resumed.state.global_step == 6
+    for name, param in straight.model.named_parameters():
+        torch.testing.assert_close(resumed.model.get_parameter(name), param, atol=1e-6, rtol=1e-5, msg=name)
 
 
 def test_lora_trains_adapters_only(tmp_path):

@@ -1,6 +1,10 @@
-"""TRL trainers for LLaDA-MoE: masked-diffusion SFT (and VRPO preference optimization)."""
+"""TRL trainers for LLaDA-MoE: masked-diffusion SFT and VRPO preference optimization (LLaDA 1.5).
+
+Both use the forward process of `modeling_llada_moe.forward_process` (t sampling, masking, ELBO forms).
+"""
 
 from .sft import TRAINING_CHAT_TEMPLATE_PATH, DataCollatorForDiffusionSFT, DiffusionSFTConfig, DiffusionSFTTrainer
+from .vrpo import VRPOConfig, VRPOTrainer
 
 
 __all__ = [
@@ -8,4 +12,6 @@ __all__ = [
     "DataCollatorForDiffusionSFT",
     "DiffusionSFTConfig",
     "DiffusionSFTTrainer",
+    "VRPOConfig",
+    "VRPOTrainer",
 ]

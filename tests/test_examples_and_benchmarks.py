@@ -82,3 +82,59 @@ def test_sft_trains_in_two_processes_with_accelerate(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "training on 2 process(es)" in result.stdout
     assert (tmp_path / "model.safetensors").exists()
+
+
+VRPO_DEMO = [
+    "--tiny",
+    "--report_to",
+    "none",
+    "--bf16",
+    "false",
+    "--use_cpu",
+    "--save_strategy",
+    "no",
+    "--num_mc_samples",
+    "2",
+    "--per_device_train_batch_size",
+    "8",
+    "--disable_tqdm",
+    "true",
+]
+
+
+def test_vrpo_example_offline_demo(tmp_path):
+    out = run("examples/vrpo.py", *VRPO_DEMO, "--output_dir", str(tmp_path), "--max_steps", "3")
+    assert "preferred digit before VRPO" in out and "preferred digit after VRPO" in out
+    assert (tmp_path / "model.safetensors").exists()
+
+
+def test_vrpo_trains_in_two_processes_with_accelerate(tmp_path):
+    launcher = str(Path(sys.executable).with_name("accelerate"))
+    result = subprocess.run(
+        [
+            launcher,
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "examples/vrpo.py",
+            *VRPO_DEMO,
+            "--output_dir",
+            str(tmp_path),
+            "--max_steps",
+            "2",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "training on 2 process(es)" in result.stdout

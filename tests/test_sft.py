@@ -228,34 +228,59 @@ def test_qlora_on_a_4bit_model(tmp_path):
     assert any(not torch.equal(before[n], p) for n, p in model.named_parameters() if "lora_" in n)
 
 
-def test_sft_learns_digit_reversal(tmp_path):
-    """~0% -> >= 95% exact match (digits and the EOS after them) under diffusion_generate."""
+def test_sft_learns_digit_reversal_then_lora_learns_copying(tmp_path):
+    """Full SFT: ~0% -> >= 95% exact match (digits and the EOS after them) under diffusion_generate; then LoRA on the
+    attention projections adapts the same model to copying the digits, ~0% -> >= 95%."""
+    from peft import LoraConfig
+
     tokenizer = tiny_tokenizer()
     model = tiny_model(seed=0)
-    held_out = reversal_dataset(64, seed=999)
 
-    def exact_match() -> float:
+    def exact_match(rows) -> float:
         model.eval()
-        prompts = torch.tensor([tokenizer(row["prompt"]).input_ids for row in held_out])
-        answers = torch.tensor([tokenizer(row["completion"]).input_ids + [EOS] for row in held_out])
+        prompts = torch.tensor([tokenizer(row["prompt"]).input_ids for row in rows])
+        answers = torch.tensor([tokenizer(row["completion"]).input_ids + [EOS] for row in rows])
         out = model.diffusion_generate(prompts, max_new_tokens=5, block_length=5)
         return (out[:, prompts.shape[1] :] == answers).all(dim=1).float().mean().item()
 
-    before = exact_match()
-    args = config(
-        tmp_path,
-        per_device_train_batch_size=32,
-        max_steps=-1,
-        num_train_epochs=5,
-        learning_rate=3e-3,
-        lr_scheduler_type="cosine",
-        warmup_steps=20,
-        logging_steps=50,
-    )
+    def training_args(folder, epochs, learning_rate, warmup_steps):
+        return config(
+            tmp_path / folder,
+            per_device_train_batch_size=32,
+            max_steps=-1,
+            num_train_epochs=epochs,
+            learning_rate=learning_rate,
+            lr_scheduler_type="cosine",
+            warmup_steps=warmup_steps,
+            logging_steps=50,
+        )
+
+    def copying(rows):
+        return [{"prompt": row["prompt"], "completion": " " + " ".join(row["prompt"].split()[:-1])} for row in rows]
+
+    held_out = reversal_examples(64, seed=999)
+    before = exact_match(held_out)
+    DiffusionSFTTrainer(
+        model=model,
+        args=training_args("full", 5, 3e-3, 20),
+        train_dataset=reversal_dataset(2000),
+        processing_class=tokenizer,
+    ).train()
+    after = exact_match(held_out)
+    print(f"digit reversal exact match (full SFT): {before:.2f} -> {after:.2f}")
+    assert before < 0.05 and after >= 0.95
+
+    copy_held_out = copying(reversal_examples(64, seed=998))
+    copy_before = exact_match(copy_held_out)
     trainer = DiffusionSFTTrainer(
-        model=model, args=args, train_dataset=reversal_dataset(2000), processing_class=tokenizer
+        model=model,
+        args=training_args("lora", 3, 5e-3, 10),
+        train_dataset=Dataset.from_list(copying(reversal_examples(2000, seed=5))),
+        processing_class=tokenizer,
+        peft_config=LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
     )
     trainer.train()
-    after = exact_match()
-    print(f"digit reversal exact match: {before:.2f} -> {after:.2f}")
-    assert before < 0.05 and after >= 0.95
+    model = trainer.model
+    copy_after = exact_match(copy_held_out)
+    print(f"digit copying exact match (LoRA): {copy_before:.2f} -> {copy_after:.2f}")
+    assert copy_before < 0.05 and copy_after >= 0.95

@@ -28,6 +28,34 @@ def reversal_batch(size: int, generator: torch.Generator) -> torch.Tensor:
     return torch.cat([digits, digits.flip(1)], dim=1)
 
 
+TINY_CONFIG = dict(
+    vocab_size=128,
+    hidden_size=64,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    num_hidden_layers=2,
+    num_experts=8,
+    num_experts_per_tok=2,
+    expert_intermediate_size=32,
+    dense_intermediate_size=96,
+    max_position_embeddings=256,
+    pad_token_id=PAD_ID,
+    eos_token_id=PAD_ID,
+    mask_token_id=MASK_ID,
+)
+
+
+def tiny_config(**overrides) -> LLaDAMoEConfig:
+    """The tiny config of tests, demos and benchmarks (hidden 64, 2 layers, 8 experts, top-2); keywords override."""
+    return LLaDAMoEConfig(**{**TINY_CONFIG, **overrides})
+
+
+def tiny_model(seed: int = 0, **overrides) -> LLaDAMoEForMaskedLM:
+    """A tiny random float32 model in eval mode, initialised from `torch.manual_seed(seed)`."""
+    torch.manual_seed(seed)
+    return LLaDAMoEForMaskedLM(tiny_config(**overrides)).eval()
+
+
 def train_reversal_model(steps: int = 600, seed: int = 0, **config_overrides) -> LLaDAMoEForMaskedLM:
     """A tiny LLaDA-MoE (hidden 64, 2 layers, 8 experts, top-2) trained on digit reversal; returned in eval mode.
 
@@ -35,24 +63,7 @@ def train_reversal_model(steps: int = 600, seed: int = 0, **config_overrides) ->
     masked tokens (the model's own `labels` loss). 600 steps take about 20 s on 2 CPU cores and reach ~93%
     token accuracy under greedy decoding.
     """
-    torch.manual_seed(seed)
-    config = LLaDAMoEConfig(
-        **{
-            "vocab_size": 128,
-            "hidden_size": 64,
-            "num_attention_heads": 4,
-            "num_hidden_layers": 2,
-            "num_experts": 8,
-            "num_experts_per_tok": 2,
-            "expert_intermediate_size": 32,
-            "max_position_embeddings": 256,
-            "pad_token_id": PAD_ID,
-            "eos_token_id": PAD_ID,
-            "mask_token_id": MASK_ID,
-            **config_overrides,
-        }
-    )
-    model = LLaDAMoEForMaskedLM(config)
+    model = tiny_model(seed, **config_overrides)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     generator = torch.Generator().manual_seed(seed)

@@ -12,12 +12,18 @@ threshold parallel decoding and the dual cache.
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
+from pathlib import Path
 
 import torch
 
-from modeling_llada_moe import LLaDAMoEConfig, LLaDAMoEForMaskedLM
-from quantization import estimate_memory, load_quantized, memory_report
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's benchmarks/ (tiny model)
+
+from benchmarks.tiny_task import tiny_model  # noqa: E402
+from modeling_llada_moe import LLaDAMoEConfig  # noqa: E402
+from quantization import estimate_memory, load_quantized, memory_report  # noqa: E402
 
 
 # Run-time memory on top of the weights for a 7B decode on a GPU (estimates): CUDA context, one group of 8 dequantized
@@ -45,21 +51,7 @@ def estimate_table() -> str:
 
 def tiny_folder() -> str:
     folder = tempfile.mkdtemp(prefix="llada_moe_tiny_")
-    config = LLaDAMoEConfig(
-        vocab_size=128,
-        hidden_size=64,
-        num_attention_heads=4,
-        num_hidden_layers=2,
-        num_experts=8,
-        num_experts_per_tok=2,
-        expert_intermediate_size=32,
-        max_position_embeddings=256,
-        pad_token_id=120,
-        eos_token_id=120,
-        mask_token_id=126,
-    )
-    torch.manual_seed(0)
-    LLaDAMoEForMaskedLM(config).save_pretrained(folder)
+    tiny_model(seed=0).save_pretrained(folder)
     return folder
 
 

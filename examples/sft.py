@@ -28,8 +28,8 @@ from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's benchmarks/ (synthetic task)
 
-from benchmarks.tiny_task import reversal_examples, tiny_tokenizer  # noqa: E402
-from modeling_llada_moe import LLaDAMoEConfig, LLaDAMoEForMaskedLM  # noqa: E402
+from benchmarks.tiny_task import reversal_examples, tiny_model, tiny_tokenizer  # noqa: E402
+from modeling_llada_moe import LLaDAMoEForMaskedLM  # noqa: E402
 from quantization import load_quantized, qlora_target_modules  # noqa: E402
 from trl_ext import DiffusionSFTConfig, DiffusionSFTTrainer  # noqa: E402
 
@@ -58,24 +58,6 @@ def load_model(model_args: ModelConfig):
     return LLaDAMoEForMaskedLM.from_pretrained(model_args.model_name_or_path, dtype=dtype or "auto")
 
 
-def tiny_demo_model() -> LLaDAMoEForMaskedLM:
-    config = LLaDAMoEConfig(
-        vocab_size=128,
-        hidden_size=64,
-        num_attention_heads=4,
-        num_hidden_layers=2,
-        num_experts=8,
-        num_experts_per_tok=2,
-        expert_intermediate_size=32,
-        max_position_embeddings=256,
-        pad_token_id=120,
-        eos_token_id=120,
-        mask_token_id=126,
-    )
-    torch.manual_seed(0)
-    return LLaDAMoEForMaskedLM(config)
-
-
 def exact_match(model, tokenizer, rows) -> float:
     model.eval()
     prompts = torch.tensor([tokenizer(row["prompt"]).input_ids for row in rows]).to(model.device)
@@ -88,7 +70,7 @@ def main() -> None:
     parser = TrlParser((ScriptArguments, DiffusionSFTConfig, ModelConfig, DemoArguments))
     script_args, training_args, model_args, demo_args = parser.parse_args_and_config()
     if demo_args.tiny:
-        model, tokenizer = tiny_demo_model(), tiny_tokenizer()
+        model, tokenizer = tiny_model(seed=0), tiny_tokenizer()
         train = Dataset.from_list(reversal_examples(demo_args.demo_examples, seed=0))
         held_out = reversal_examples(64, seed=999)
     else:

@@ -28,8 +28,8 @@ from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's benchmarks/ (synthetic task)
 
-from benchmarks.tiny_task import tiny_tokenizer  # noqa: E402
-from modeling_llada_moe import LLaDAMoEConfig, LLaDAMoEForMaskedLM  # noqa: E402
+from benchmarks.tiny_task import tiny_model, tiny_tokenizer  # noqa: E402
+from modeling_llada_moe import LLaDAMoEForMaskedLM  # noqa: E402
 from quantization import load_quantized, qlora_target_modules  # noqa: E402
 from trl_ext import DiffusionSFTConfig, DiffusionSFTTrainer, VRPOConfig, VRPOTrainer  # noqa: E402
 
@@ -67,22 +67,7 @@ def digit_pairs(count: int, seed: int) -> list[tuple[int, int]]:
 
 def tiny_sft_model(training_args: VRPOConfig, tokenizer) -> LLaDAMoEForMaskedLM:
     """A tiny LLaDA-MoE taught (masked-diffusion SFT) to answer either of the two prompt digits."""
-    torch.manual_seed(0)
-    model = LLaDAMoEForMaskedLM(
-        LLaDAMoEConfig(
-            vocab_size=128,
-            hidden_size=64,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            num_experts=8,
-            num_experts_per_tok=2,
-            expert_intermediate_size=32,
-            max_position_embeddings=256,
-            pad_token_id=120,
-            eos_token_id=120,
-            mask_token_id=126,
-        )
-    )
+    model = tiny_model(seed=0)
     rows = [{"prompt": f"t{a} t{b}", "completion": f" t{answer}"} for a, b in digit_pairs(150, 0) for answer in (a, b)]
     sft_args = DiffusionSFTConfig(
         output_dir=str(Path(training_args.output_dir) / "sft"),

@@ -575,14 +575,13 @@ class DiffusionGenerationMixin:
             scores = scores.masked_fill(~is_mask, float("-inf"))
             proposal = torch.where(is_mask, proposal, xs)
 
-            if config.threshold is not None:
-                in_block = torch.zeros_like(is_mask)
-                in_block[:, start:end] = True
-                commit = select_by_threshold(scores, is_mask & in_block, config.threshold)
-            elif config.factor is not None:
-                in_block = torch.zeros_like(is_mask)
-                in_block[:, start:end] = True
-                commit = select_by_factor(scores, is_mask & in_block, config.factor)
+            if parallel:
+                candidates = torch.zeros_like(is_mask)
+                candidates[:, start:end] = is_mask[:, start:end]
+                if config.threshold is not None:
+                    commit = select_by_threshold(scores, candidates, config.threshold)
+                else:
+                    commit = select_by_factor(scores, candidates, config.factor)
             else:
                 commit = select_by_quota(scores, quota[:, step])
 

@@ -47,32 +47,12 @@ def test_sft_example_offline_demo(tmp_path):
     assert "training on 1 process(es)" in out and (tmp_path / "model.safetensors").exists()
 
 
-def test_sft_trains_in_two_processes_with_accelerate(tmp_path):
+def launch_two_processes(script: str, *args: str) -> str:
+    """`accelerate launch` of an example in 2 CPU processes (DDP over gloo); returns its stdout."""
     launcher = str(Path(sys.executable).with_name("accelerate"))
+    flags = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
     result = subprocess.run(
-        [
-            launcher,
-            "launch",
-            "--multi_gpu",
-            "--num_processes",
-            "2",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "examples/sft.py",
-            *SFT_DEMO,
-            "--output_dir",
-            str(tmp_path),
-            "--max_steps",
-            "3",
-            "--demo_examples",
-            "64",
-            "--per_device_train_batch_size",
-            "4",
-        ],
+        [launcher, "launch", *flags, "--dynamo_backend", "no", script, *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -80,8 +60,13 @@ def test_sft_trains_in_two_processes_with_accelerate(tmp_path):
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "training on 2 process(es)" in result.stdout
-    assert (tmp_path / "model.safetensors").exists()
+    return result.stdout
+
+
+def test_sft_trains_in_two_processes_with_accelerate(tmp_path):
+    args = ["--output_dir", str(tmp_path), "--max_steps", "3", "--demo_examples", "64"]
+    out = launch_two_processes("examples/sft.py", *SFT_DEMO, *args, "--per_device_train_batch_size", "4")
+    assert "training on 2 process(es)" in out and (tmp_path / "model.safetensors").exists()
 
 
 VRPO_DEMO = [
@@ -109,32 +94,5 @@ def test_vrpo_example_offline_demo(tmp_path):
 
 
 def test_vrpo_trains_in_two_processes_with_accelerate(tmp_path):
-    launcher = str(Path(sys.executable).with_name("accelerate"))
-    result = subprocess.run(
-        [
-            launcher,
-            "launch",
-            "--multi_gpu",
-            "--num_processes",
-            "2",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "examples/vrpo.py",
-            *VRPO_DEMO,
-            "--output_dir",
-            str(tmp_path),
-            "--max_steps",
-            "2",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "training on 2 process(es)" in result.stdout
+    out = launch_two_processes("examples/vrpo.py", *VRPO_DEMO, "--output_dir", str(tmp_path), "--max_steps", "2")
+    assert "training on 2 process(es)" in out and (tmp_path / "model.safetensors").exists()

@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from modeling_llada_moe import LLaDAMoEForMaskedLM
 
@@ -15,6 +16,15 @@ from benchmarks.tiny_task import tiny_config, tiny_model, tiny_tokenizer  # noqa
 
 
 OFFICIAL_SMALL = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "official_small"
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -34,7 +34,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_experts_forward
 from transformers.utils import logging
 
 
@@ -644,12 +643,11 @@ def _is_silu(act_fn: nn.Module) -> bool:
 
 
 def _fallback(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
-    # Quantized containers: the package's chunk-dequantizing grouped_mm when it is registered (the modeling file
-    # registers "grouped_mm_chunked"); transformers' grouped_mm (whole-stack properties) otherwise.
-    quantized = any(not torch.is_floating_point(w) for w in (self.gate_up.weight, self.down.weight))
-    if quantized and "grouped_mm_chunked" in ALL_EXPERTS_FUNCTIONS:
-        return ALL_EXPERTS_FUNCTIONS["grouped_mm_chunked"](self, hidden_states, top_k_index, top_k_weights)
-    return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+    # The modeling file's grouped_mm that dequantizes quantized experts a group at a time (plain weights: exactly
+    # transformers' grouped_mm). Imported here: the modeling file imports this module lazily.
+    from .modeling_llada_moe import grouped_mm_chunked_experts_forward
+
+    return grouped_mm_chunked_experts_forward(self, hidden_states, top_k_index, top_k_weights)
 
 
 def fused_moe_experts_forward(

@@ -13,10 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from trl import SFTConfig, SFTTrainer
 
-from modeling_llada_moe.forward_process import TIME_EPSILON, bernoulli_mask, sample_noise_levels
+from modeling_llada_moe.forward_process import TIME_EPSILON, bernoulli_mask, masked_token_nll, sample_noise_levels
 
 
 NORMALIZATIONS = ("answer_length", "supervised_tokens", "batch", "all_tokens")
@@ -167,22 +166,18 @@ class DiffusionSFTTrainer(SFTTrainer):
             output_router_logits=router_losses,
             use_cache=False,
         )
-        masked_logits = outputs.logits.float()  # [N masked, V]
-        masked_targets = targets[masked]
-        nll = F.cross_entropy(masked_logits, masked_targets, reduction="none")
-        per_token = torch.zeros(masked.shape, dtype=nll.dtype, device=nll.device).masked_scatter(masked, nll)
-        weighted = per_token / noise[:, None]
-        loss = self._normalize(weighted, supervised, inputs.get("attention_mask"))
+        # Logits of the masked positions only ([N masked, V]); the per-row 1/t-weighted masked cross-entropy.
+        row_nll = masked_token_nll(outputs.logits, targets, masked)
+        loss = self._normalize(row_nll / noise, supervised, inputs.get("attention_mask"))
         if router_losses:
             loss = loss + args.load_balance_coef * outputs.aux_loss + args.z_loss_coef * outputs.z_loss
 
         with torch.no_grad():
             metrics = self._metrics[mode]
             count = masked.sum().clamp(min=1)
-            metrics["diffusion/masked_accuracy"].append(
-                ((masked_logits.argmax(-1) == masked_targets).sum() / count).item()
-            )
-            metrics["diffusion/nll"].append((nll.sum() / count).item())
+            correct = outputs.logits.argmax(-1) == targets[masked]
+            metrics["diffusion/masked_accuracy"].append((correct.sum() / count).item())
+            metrics["diffusion/nll"].append((row_nll.sum() / count).item())
             metrics["diffusion/mask_ratio"].append((masked.sum() / supervised.sum().clamp(min=1)).item())
             if router_losses:
                 metrics["aux/load_balance"].append(outputs.aux_loss.item())
@@ -192,13 +187,14 @@ class DiffusionSFTTrainer(SFTTrainer):
             metrics["num_tokens"] = [self._total_train_tokens]
         return (loss, outputs) if return_outputs else loss
 
-    def _normalize(self, weighted: torch.Tensor, supervised: torch.Tensor, attention_mask) -> torch.Tensor:
+    def _normalize(self, row_loss: torch.Tensor, supervised: torch.Tensor, attention_mask) -> torch.Tensor:
+        """Per-row weighted sums -> the loss, by `loss_normalization`."""
         scheme = self.args.loss_normalization
         if scheme == "answer_length":
-            return (weighted.sum(-1) / supervised.sum(-1).clamp(min=1)).mean()
+            return (row_loss / supervised.sum(-1).clamp(min=1)).mean()
         if scheme == "supervised_tokens":
-            return weighted.sum() / supervised.sum().clamp(min=1)
+            return row_loss.sum() / supervised.sum().clamp(min=1)
         if scheme == "batch":
-            return weighted.sum() / weighted.shape[0]
-        tokens = attention_mask.sum() if attention_mask is not None else weighted.numel()
-        return weighted.sum() / tokens
+            return row_loss.sum() / row_loss.shape[0]
+        tokens = attention_mask.sum() if attention_mask is not None else supervised.numel()
+        return row_loss.sum() / tokens

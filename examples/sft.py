@@ -22,40 +22,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from datasets import Dataset, load_dataset
+from datasets import Dataset
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's benchmarks/ (synthetic task)
 
 from benchmarks.tiny_task import reversal_examples, tiny_model, tiny_tokenizer  # noqa: E402
-from modeling_llada_moe import LLaDAMoEForMaskedLM  # noqa: E402
-from quantization import load_quantized, qlora_target_modules  # noqa: E402
+from quantization import qlora_target_modules  # noqa: E402
 from trl_ext import DiffusionSFTConfig, DiffusionSFTTrainer  # noqa: E402
-
-
-LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+from trl_ext.scripts import load_script_dataset, load_script_model  # noqa: E402
 
 
 @dataclass
 class DemoArguments:
     tiny: bool = field(default=False, metadata={"help": "Offline demo: a tiny model learns digit reversal."})
     demo_examples: int = field(default=2000, metadata={"help": "Training rows of the tiny demo."})
-
-
-def load_data(script_args: ScriptArguments) -> Dataset:
-    """A Hub dataset by name, or a local json/jsonl/csv/parquet file."""
-    path = Path(script_args.dataset_name)
-    if path.suffix in LOCAL_FORMATS and path.is_file():
-        return load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train")
-    return load_dataset(script_args.dataset_name, script_args.dataset_config, split=script_args.dataset_train_split)
-
-
-def load_model(model_args: ModelConfig):
-    if model_args.load_in_4bit or model_args.load_in_8bit:
-        return load_quantized(model_args.model_name_or_path, bits=4 if model_args.load_in_4bit else 8)
-    dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
-    return LLaDAMoEForMaskedLM.from_pretrained(model_args.model_name_or_path, dtype=dtype or "auto")
 
 
 def exact_match(model, tokenizer, rows) -> float:
@@ -78,8 +60,8 @@ def main() -> None:
             parser.error("pass --model_name_or_path and --dataset_name, or --tiny for the offline demo")
         from transformers import AutoTokenizer
 
-        model, tokenizer = load_model(model_args), AutoTokenizer.from_pretrained(model_args.model_name_or_path)
-        train, held_out = load_data(script_args), None
+        model, tokenizer = load_script_model(model_args), AutoTokenizer.from_pretrained(model_args.model_name_or_path)
+        train, held_out = load_script_dataset(script_args), None
 
     peft_config = get_peft_config(model_args)
     if peft_config is not None and not model_args.lora_target_modules:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from datasets import Dataset, load_dataset
+from datasets import Dataset
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
 
 
@@ -30,30 +30,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's bench
 
 from benchmarks.tiny_task import tiny_model, tiny_tokenizer  # noqa: E402
 from modeling_llada_moe import LLaDAMoEForMaskedLM  # noqa: E402
-from quantization import load_quantized, qlora_target_modules  # noqa: E402
+from quantization import qlora_target_modules  # noqa: E402
 from trl_ext import DiffusionSFTConfig, DiffusionSFTTrainer, VRPOConfig, VRPOTrainer  # noqa: E402
-
-
-LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+from trl_ext.scripts import load_script_dataset, load_script_model  # noqa: E402
 
 
 @dataclass
 class DemoArguments:
     tiny: bool = field(default=False, metadata={"help": "Offline demo on a tiny model (SFT, then VRPO)."})
-
-
-def load_data(script_args: ScriptArguments) -> Dataset:
-    path = Path(script_args.dataset_name)
-    if path.suffix in LOCAL_FORMATS and path.is_file():
-        return load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train")
-    return load_dataset(script_args.dataset_name, script_args.dataset_config, split=script_args.dataset_train_split)
-
-
-def load_model(model_args: ModelConfig):
-    if model_args.load_in_4bit or model_args.load_in_8bit:
-        return load_quantized(model_args.model_name_or_path, bits=4 if model_args.load_in_4bit else 8)
-    dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
-    return LLaDAMoEForMaskedLM.from_pretrained(model_args.model_name_or_path, dtype=dtype or "auto")
 
 
 def digit_pairs(count: int, seed: int) -> list[tuple[int, int]]:
@@ -113,9 +97,9 @@ def main() -> None:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
-        model, train = load_model(model_args), load_data(script_args)
+        model, train = load_script_model(model_args), load_script_dataset(script_args)
         if not model_args.use_peft and not training_args.precompute_ref_log_probs:
-            ref_model = load_model(model_args)  # a separate, frozen copy; never a deepcopy of the policy
+            ref_model = load_script_model(model_args)  # a separate, frozen copy; never a deepcopy of the policy
 
     peft_config = get_peft_config(model_args)
     if peft_config is not None and not model_args.lora_target_modules:

@@ -1,5 +1,7 @@
 """DiffusionSFTTrainer: the LLaDA SFT loss, masking, collator, data formats, metrics, PEFT/QLoRA and learning."""
 
+import importlib.util
+
 import pytest
 import torch
 from conftest import tiny_model, tiny_tokenizer
@@ -284,3 +286,23 @@ def test_sft_learns_digit_reversal_then_lora_learns_copying(tmp_path):
     copy_after = exact_match(copy_held_out)
     print(f"digit copying exact match (LoRA): {copy_before:.2f} -> {copy_after:.2f}")
     assert copy_before < 0.05 and copy_after >= 0.95
+
+
+def test_script_loaders_read_local_files_and_quantize(tmp_path):
+    import json
+
+    from trl import ModelConfig, ScriptArguments
+
+    from trl_ext.scripts import load_script_dataset, load_script_model
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps(row) for row in reversal_examples(5)))
+    dataset = load_script_dataset(ScriptArguments(dataset_name=str(data)))
+    assert len(dataset) == 5 and dataset[0] == reversal_examples(5)[0]
+    folder = tmp_path / "model"
+    tiny_model().save_pretrained(folder)
+    model = load_script_model(ModelConfig(model_name_or_path=str(folder), dtype="bfloat16"))
+    assert model.dtype == torch.bfloat16 and model.model.layers[0].mlp.gate.weight.dtype == torch.float32
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        quantized = load_script_model(ModelConfig(model_name_or_path=str(folder), load_in_4bit=True))
+        assert quantized.model.layers[0].mlp.experts.is_quantized

@@ -107,3 +107,25 @@ def reversal_examples(size: int, seed: int = 0, k: int = 4) -> list[dict[str, st
         digits = [f"t{rng.randint(1, 10)}" for _ in range(k)]
         rows.append({"prompt": " ".join(digits) + f" {SEPARATOR}", "completion": " " + " ".join(digits[::-1])})
     return rows
+
+
+# The Ling chat format of LLaDA-MoE-Instruct, for tiny tokenizers (the real tokenizer ships its own template).
+LING_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}<role>SYSTEM</role>{{ message['content'] }}<|role_end|>"
+    "{%- elif message['role'] == 'user' -%}<role>HUMAN</role>{{ message['content'] }}<|role_end|>"
+    "{%- elif message['role'] == 'assistant' -%}<role>ASSISTANT</role>{{ message['content'] }}<|role_end|>"
+    "{%- endif -%}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}<role>ASSISTANT</role>{%- endif -%}"
+)
+
+
+def save_tiny_folder(path, model: LLaDAMoEForMaskedLM | None = None, chat: bool = True, **generation_defaults):
+    """Save a tiny model (random unless given) with `tiny_tokenizer` (Ling chat template when `chat`) as a Hub
+    folder that the command line, the examples and the demos load like a real checkpoint; returns the path."""
+    model = model if model is not None else tiny_model()
+    for name, value in generation_defaults.items():
+        setattr(model.generation_config, name, value)
+    model.save_pretrained(path)
+    tiny_tokenizer(LING_CHAT_TEMPLATE if chat else None).save_pretrained(path)
+    return path

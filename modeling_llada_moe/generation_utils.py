@@ -10,6 +10,7 @@ step split, confidences in the logits dtype, per-row top-k over the whole row wi
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -411,7 +412,7 @@ class DiffusionGenerationMixin:
         if unknown:
             raise ValueError(
                 f"diffusion_generate: unknown keyword argument(s) {unknown}; accepted are the DiffusionGeneration"
-                "Config fields, `attention_mask`, `streamer`, `generator` and `tokenizer`."
+                "Config fields, `attention_mask`, `streamer`, `generator`, `tokenizer` and `step_callback`."
             )
         for name, value in kwargs.items():
             setattr(config, name, value)
@@ -427,6 +428,7 @@ class DiffusionGenerationMixin:
         streamer=None,
         generator: torch.Generator | None = None,
         tokenizer=None,
+        step_callback: Callable[[torch.LongTensor], None] | None = None,
         **kwargs,
     ) -> torch.LongTensor | DiffusionGenerateOutput:
         """Fill `max_new_tokens` masked positions after a left-padded prompt, block by block.
@@ -438,6 +440,8 @@ class DiffusionGenerationMixin:
             streamer: a transformers `BaseStreamer`: gets the prompt, then each block once it is final.
             generator: a `torch.Generator` for `temperature > 0`, `remasking="random"` (reproducible runs).
             tokenizer: needed with `stop_strings`.
+            step_callback: called after every denoising step with the whole [B, P + max_new_tokens] canvas (masks
+                still in place), e.g. to show it filling in live; the tensor is a copy the callee may keep.
 
         Returns:
             LongTensor [B * num_return_sequences, P + max_new_tokens], or a `DiffusionGenerateOutput` with
@@ -445,11 +449,15 @@ class DiffusionGenerationMixin:
         """
         if input_ids is None:
             input_ids = kwargs.pop("inputs", None)
+        if step_callback is not None and not callable(step_callback):
+            raise ValueError(f"diffusion_generate: step_callback={step_callback!r} is not callable")
         config = self._resolve_generation_config(generation_config, kwargs)
         input_ids, attention_mask, special = self._check_generation_inputs(input_ids, attention_mask, config, tokenizer)
         input_ids = input_ids.repeat_interleave(config.num_return_sequences, dim=0)
         attention_mask = attention_mask.repeat_interleave(config.num_return_sequences, dim=0)
-        return self._diffusion_sample(input_ids, attention_mask, config, special, streamer, generator, tokenizer)
+        return self._diffusion_sample(
+            input_ids, attention_mask, config, special, streamer, generator, tokenizer, step_callback
+        )
 
     def _check_generation_inputs(self, input_ids, attention_mask, config, tokenizer):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
@@ -501,7 +509,9 @@ class DiffusionGenerationMixin:
         special = {"mask": mask_id, "pad": pad_id, "eos": eos_ids}
         return input_ids, attention_mask, special
 
-    def _diffusion_sample(self, input_ids, attention_mask, config, special, streamer, generator, tokenizer):
+    def _diffusion_sample(
+        self, input_ids, attention_mask, config, special, streamer, generator, tokenizer, step_callback=None
+    ):
         device = input_ids.device
         batch, prompt_len = input_ids.shape
         gen_len, block_len = config.max_new_tokens, config.block_length
@@ -516,6 +526,7 @@ class DiffusionGenerationMixin:
             "nfe": torch.zeros(batch, dtype=torch.long, device=device),
             "unmask_step": torch.full((batch, gen_len), -1, dtype=torch.long, device=device),
             "history": [] if config.output_history else None,
+            "step_callback": step_callback,
         }
         active = torch.ones(batch, dtype=torch.bool, device=device)
         if streamer is not None:
@@ -596,6 +607,8 @@ class DiffusionGenerationMixin:
             x[rows] = xs
             if state["history"] is not None:
                 state["history"].append(x.clone())
+            if state["step_callback"] is not None:
+                state["step_callback"](x.clone())
             step += 1
 
     def _step_logits(self, xs, masks, prompts, mask_id, cache, step, start, end, config):

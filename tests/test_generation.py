@@ -308,6 +308,18 @@ def test_history_records_every_step():
     assert masks_left == [12, 8, 4, 0]
 
 
+def test_step_callback_sees_every_canvas_live():
+    model = tiny_model()
+    seen = []
+    out = model.diffusion_generate(
+        prompts(), max_new_tokens=8, block_length=4, steps=4, output_history=True, return_dict_in_generate=True,
+        step_callback=seen.append,
+    )
+    assert len(seen) == 4 and all(torch.equal(a, b) for a, b in zip(seen, out.history))
+    with pytest.raises(ValueError, match="step_callback=3 is not callable"):
+        model.diffusion_generate(prompts(), max_new_tokens=8, block_length=4, step_callback=3)
+
+
 # --- configuration and validation ---------------------------------------------------------------------------------
 
 

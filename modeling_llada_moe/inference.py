@@ -1,0 +1,157 @@
+"""Loading a model and tokenizer for inference, and turning prompts or chat messages into ids and generated ids back
+into text: the shared plumbing of the `llada-moe` command line, the examples, the Gradio demo and the lm-eval model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from .modeling_llada_moe import LLaDAMoEForMaskedLM
+
+
+DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+END_OF_TURN = "<|role_end|>"  # the Ling chat template's end of a turn
+
+
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    """`device`, or CUDA when available and the CPU otherwise; a CUDA device without CUDA is an error."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device={device!r}: expected 'cpu', 'cuda' or 'cuda:N'") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r}, but CUDA is not available here; use 'cpu'")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device={str(device)!r}: expected 'cpu', 'cuda' or 'cuda:N'")
+    return device
+
+
+def check_model_source(name_or_path: str | Path, what: str = "model") -> None:
+    """Fail early and clearly on a local path that is not a model (or tokenizer) folder; Hub repo ids pass."""
+    text = str(name_or_path)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if what == "model" and not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model {text!r} is a folder without a config.json; expected a model folder")
+        return
+    if path.exists():
+        raise FileNotFoundError(f"{what} {text!r} is a file; expected a folder or a Hub repo id (owner/name)")
+    looks_local = text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text or not text.strip()
+    if looks_local:
+        raise FileNotFoundError(f"{what} {text!r}: no such folder (and not a Hub repo id of the form owner/name)")
+
+
+def load_model_and_tokenizer(
+    name_or_path: str | Path,
+    bits: int | None = None,
+    dtype: str = "auto",
+    device: str | torch.device | None = None,
+    tokenizer_name_or_path: str | Path | None = None,
+    trust_remote_code: bool = False,
+) -> tuple[LLaDAMoEForMaskedLM, PreTrainedTokenizerBase]:
+    """A LLaDA-MoE checkpoint (official layout, this package's folder, or a Hub id) in eval mode, and its tokenizer.
+
+    `bits` 4 or 8 loads through `quantization.load_quantized` (bitsandbytes); otherwise the weights are loaded in
+    `dtype` (`"auto"` = the checkpoint's) and moved to `device` (default: CUDA when available).
+    """
+    if bits not in (None, 4, 8):
+        raise ValueError(f"bits={bits!r}: expected 4 (NF4), 8 (LLM.int8) or None (no quantization)")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}: expected one of {sorted(DTYPES)}")
+    check_model_source(name_or_path)
+    if tokenizer_name_or_path is not None:
+        check_model_source(tokenizer_name_or_path, what="tokenizer")
+    device = pick_device(device)
+    try:
+        if bits is not None:
+            from quantization import load_quantized
+
+            device_map = "cpu" if device.type == "cpu" else {"": device.index or 0}
+            compute = None if dtype == "auto" else DTYPES[dtype]
+            model = load_quantized(name_or_path, bits=bits, compute_dtype=compute, device_map=device_map)
+        else:
+            model = LLaDAMoEForMaskedLM.from_pretrained(name_or_path, dtype=DTYPES[dtype]).to(device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(
+            tokenizer_name_or_path or name_or_path, trust_remote_code=trust_remote_code
+        )
+    except OSError as err:
+        raise OSError(
+            f"could not load {str(name_or_path)!r}: not a complete local model folder, and the Hub could not serve "
+            f"it (no network, or a private repo without a token?). Cause: {err}"
+        ) from err
+    return model, tokenizer
+
+
+def encode_prompt(
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: str | None = None,
+    messages: list[dict[str, str]] | None = None,
+    system: str | None = None,
+    chat_template: bool | None = None,
+) -> torch.LongTensor:
+    """[1, P] prompt ids from a plain `prompt` or chat `messages`.
+
+    A plain prompt goes through the chat template as one user turn (after `system`, if given) when the tokenizer has
+    a template and `chat_template` is not False; `chat_template=False` tokenizes the text as it is.
+    """
+    if (prompt is None) == (messages is None):
+        raise ValueError("encode_prompt: give exactly one of `prompt` (text) or `messages` (a list of chat turns)")
+    has_template = getattr(tokenizer, "chat_template", None) is not None
+    if messages is None and (chat_template is False or (chat_template is None and not has_template)):
+        if system is not None:
+            raise ValueError("encode_prompt: a `system` prompt needs the chat template (chat_template=False given)")
+        text = prompt
+    else:
+        if not has_template:
+            raise ValueError(
+                "encode_prompt: the tokenizer has no chat template; pass a plain prompt with chat_template=False"
+            )
+        if messages is None:
+            messages = [{"role": "user", "content": prompt}]
+        check_messages(messages)
+        if system is not None:
+            messages = [{"role": "system", "content": system}, *messages]
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    if ids.numel() == 0:
+        raise ValueError(f"encode_prompt: the prompt {text!r} tokenizes to nothing")
+    return ids
+
+
+def check_messages(messages) -> None:
+    """Chat turns must be dicts with a `role` in system/user/assistant and a string `content`."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"messages={messages!r}: expected a non-empty list of {{'role', 'content'}} dicts")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
+            raise ValueError(f"messages[{i}]={message!r}: expected a dict with role 'system', 'user' or 'assistant'")
+        if not isinstance(message.get("content"), str):
+            raise ValueError(f"messages[{i}]={message!r}: `content` must be a string")
+
+
+def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Ids that end an answer: EOS and, with the Ling chat template's vocabulary, `<|role_end|>`."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if END_OF_TURN in tokenizer.get_vocab():
+        ids.append(tokenizer.convert_tokens_to_ids(END_OF_TURN))
+    return ids
+
+
+def completion_ids(tokenizer: PreTrainedTokenizerBase, generated: torch.Tensor) -> list[int]:
+    """The generated ids (one row, prompt excluded) up to the first end-of-turn id."""
+    ids = generated.tolist()
+    stops = set(end_of_turn_ids(tokenizer))
+    for i, token in enumerate(ids):
+        if token in stops:
+            return ids[:i]
+    return ids
+
+
+def decode_completion(tokenizer: PreTrainedTokenizerBase, generated: torch.Tensor) -> str:
+    """The answer text of one generated row (prompt excluded): cut at the first end-of-turn id, specials dropped."""
+    return tokenizer.decode(completion_ids(tokenizer, generated), skip_special_tokens=True).strip()

@@ -2,9 +2,15 @@
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from conftest import ROOT
+
+from benchmarks.tiny_task import save_tiny_folder
+
+
+DECODER_NAMES = ("reference sampler (1 token/step)", "threshold 0.9 + dual cache")
 
 
 def run(*args: str) -> str:
@@ -13,10 +19,36 @@ def run(*args: str) -> str:
     return result.stdout
 
 
-def test_tiny_demo(tmp_path):
-    out = run("examples/tiny_demo.py", "--steps", "30", "--out", str(tmp_path / "hub"))
-    assert "reference sampler (1 token/step)" in out and "threshold 0.9 + dual cache" in out
-    assert (tmp_path / "hub" / "generation_utils.py").exists()
+def table_rows(out: str) -> dict[str, list[str]]:
+    """The rows of a printed markdown table, by first cell."""
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in out.splitlines() if line.startswith("|")]
+    return {row[0]: row[1:] for row in rows}
+
+
+def test_quickstart_trains_saves_reloads_and_decodes(tmp_path):
+    """The README's main job, with its default settings."""
+    start = time.perf_counter()
+    out = run("examples/quickstart.py", "--out", str(tmp_path / "hub"))
+    print(f"quickstart took {time.perf_counter() - start:.1f} s")
+    rows = table_rows(out)
+    assert float(rows["reference sampler (1 token/step)"][0]) >= 0.9  # accuracy after SFT (1.00 when measured)
+    assert float(rows["threshold 0.9 + dual cache"][0]) >= 0.9
+    assert float(rows["threshold 0.9 + dual cache"][1]) < float(rows["reference sampler (1 token/step)"][1])  # NFE
+    assert "reloaded with AutoModel.from_pretrained(trust_remote_code=True)" in out
+    saved = {path.name for path in (tmp_path / "hub").iterdir()}
+    assert {"generation_utils.py", "tokenizer.json", "model.safetensors"} <= saved
+
+
+def test_quickstart_runs_a_given_checkpoint(tmp_path):
+    """`--model` with a checkpoint folder (a tiny random one here): loads, saves to --out, reloads, decodes."""
+    save_tiny_folder(tmp_path / "checkpoint")
+    out = run("examples/quickstart.py", "--model", str(tmp_path / "checkpoint"), "--out", str(tmp_path / "hub"))
+    assert "saved Hub folder" in out and set(table_rows(out)) >= set(DECODER_NAMES)
+    missing = subprocess.run(
+        [sys.executable, "examples/quickstart.py", "--model", str(tmp_path / "nowhere")],
+        cwd=ROOT, capture_output=True, text=True, check=False,
+    )
+    assert missing.returncode != 0 and "no such folder" in missing.stderr
 
 
 def test_generation_benchmark_prints_its_table():

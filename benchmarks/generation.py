@@ -2,7 +2,8 @@
 
 CPU (default): the tiny LLaDA-MoE trained for ~20 s on digit reversal (benchmarks/tiny_task.py), 16 prompts,
 8 answer tokens in blocks of 4: reference (1 token per step), threshold 0.9, prefix cache + threshold, dual cache
-+ threshold. Accuracy against the true reversal is printed too.
++ threshold (`--sweep` adds the other speed/quality knobs one at a time). Accuracy against the true reversal is
+printed too.
 
 GPU (`--device cuda`): a random 7B-A1B-shaped bf16 model. Random weights give no confident tokens, so parallel
 decoding is emulated with a fixed schedule of `--tokens-per-step` tokens per step (`steps` = max_new_tokens / k):
@@ -51,6 +52,21 @@ def cpu_setup(args):
         "prefix cache + threshold 0.9": dict(base, threshold=0.9, use_cache="prefix"),
         "dual cache + threshold 0.9": dict(base, threshold=0.9, use_cache="dual"),
     }
+    if args.sweep:  # the speed/quality knobs one at a time (the README's generation-strategies table)
+        modes.update(
+            {
+                "steps = max_new_tokens / 2": dict(base, steps=DIGITS // 2),
+                "steps = max_new_tokens / 4": dict(base, steps=DIGITS // 4),
+                "block_length = max_new_tokens": dict(base, block_length=DIGITS),
+                "remasking margin": dict(base, remasking="margin"),
+                "remasking entropy": dict(base, remasking="entropy"),
+                "remasking random": dict(base, remasking="random"),
+                "threshold 0.7": dict(base, threshold=0.7),
+                "threshold 0.5": dict(base, threshold=0.5),
+                "factor 1.0": dict(base, factor=1.0),
+                "temperature 0.7 (sampling)": dict(base, temperature=0.7),
+            }
+        )
     return model, prompts, answers, modes
 
 
@@ -77,6 +93,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--train-steps", type=int, default=600, help="CPU: training steps of the tiny model")
+    parser.add_argument("--sweep", action="store_true", help="CPU: also steps, block length, remasking, thresholds")
     parser.add_argument("--prompt-length", type=int, default=128, help="GPU: random prompt length")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="GPU: tokens to generate")
     parser.add_argument("--block-length", type=int, default=32, help="GPU: block length")
@@ -87,7 +104,7 @@ def main() -> None:
 
     what = "tiny digit-reversal model" if device.type == "cpu" else "random 7B-A1B bf16 model"
     print(f"# diffusion_generate on {device}, {what}, batch {prompts.shape[0]}, median of {args.repeats} runs")
-    header = f"{'mode':<32} | {'NFE/row':>7} | {'tok/fwd':>7} | {'time s':>8} | {'tok/s':>9} | {'speed-up':>8}"
+    header = f"{'mode':<34} | {'NFE/row':>7} | {'tok/fwd':>7} | {'time s':>8} | {'tok/s':>9} | {'speed-up':>8}"
     if answers is not None:
         header += f" | {'accuracy':>8}"
     print(header)
@@ -102,7 +119,7 @@ def main() -> None:
         reference_time = reference_time or seconds
         generated = prompts.shape[0] * kwargs["max_new_tokens"]
         row = (
-            f"{name:<32} | {out.nfe.float().mean():>7.2f} | {out.tokens_per_forward.mean():>7.2f} | "
+            f"{name:<34} | {out.nfe.float().mean():>7.2f} | {out.tokens_per_forward.mean():>7.2f} | "
             f"{seconds:>8.3f} | {generated / seconds:>9.1f} | {reference_time / seconds:>7.2f}x"
         )
         if answers is not None:

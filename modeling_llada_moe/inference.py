@@ -76,8 +76,9 @@ def load_model_and_tokenizer(
             model = load_quantized(name_or_path, bits=bits, compute_dtype=compute, device_map=device_map)
         else:
             model = LLaDAMoEForMaskedLM.from_pretrained(name_or_path, dtype=DTYPES[dtype]).to(device).eval()
+        # `config=`: AutoTokenizer would otherwise read config.json itself, and the official one names remote code.
         tokenizer = AutoTokenizer.from_pretrained(
-            tokenizer_name_or_path or name_or_path, trust_remote_code=trust_remote_code
+            tokenizer_name_or_path or name_or_path, config=model.config, trust_remote_code=trust_remote_code
         )
     except OSError as err:
         raise OSError(

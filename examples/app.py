@@ -1,0 +1,329 @@
+"""Gradio chat demo for LLaDA-MoE that shows the canvas filling in while the model denoises.
+
+    python examples/app.py --model inclusionAI/LLaDA-MoE-7B-A1B-Instruct            # http://127.0.0.1:7860
+    python examples/app.py --model PATH --bits 4 --host 0.0.0.0 --port 7860         # 4-bit, reachable on the LAN
+    python examples/app.py --tiny                                                   # offline, tiny random model
+
+Each turn goes through the tokenizer's chat template with the whole conversation. `diffusion_generate` runs in a
+worker thread; its `step_callback` hands every intermediate canvas to the page, where masked positions show as `▒▒`,
+the tokens committed at the latest step are highlighted and the semi-autoregressive blocks are separate rows. The
+answer (cut at the end of turn) replaces the placeholder once the canvas is done. The decoding controls (canvas
+length, block length, steps, Fast-dLLM threshold, KV-cache mode, temperature, remasking) apply per message.
+
+The chat is also an API endpoint, `/chat`, for `gradio_client`:
+
+    Client("http://127.0.0.1:7860").predict("Hi!", [], 128, 32, 0, 0.9, "dual", 0.0, "low_confidence", True,
+                                            api_name="/chat")
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import os
+import queue
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no telemetry or version check from a local demo
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's benchmarks/ (tiny model)
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # denoise_viz, beside this file
+
+import gradio as gr  # noqa: E402
+from denoise_viz import COMMITTED, MASKED, NEW, STOPPED, Cell, canvas_cells, step_colour, text_colour  # noqa: E402
+
+from modeling_llada_moe.generation_utils import CACHE_MODES, REMASKING_STRATEGIES  # noqa: E402
+from modeling_llada_moe.inference import (  # noqa: E402
+    decode_completion,
+    encode_prompt,
+    end_of_turn_ids,
+    load_model_and_tokenizer,
+)
+
+
+CACHE_CHOICES = ["none", "prefix", "dual"]
+BLOCK_CHOICES = [4, 8, 16, 32, 64, 128]
+MASK_GLYPH = "▒▒"
+
+CANVAS_CSS = """
+.canvas { font-family: ui-monospace, SFMono-Regular, Menlo, monospace; font-size: 13px; line-height: 1.9; }
+.block { border-left: 3px solid #8a9bb0; padding: 2px 0 2px 6px; margin: 4px 0; }
+.legend { font-size: 11px; color: #666; margin-top: 6px; }
+.bar { display: inline-block; width: 120px; height: 10px; vertical-align: middle; border: 1px solid #999; }
+.label { font-size: 11px; color: #888; margin-right: 4px; }
+.cell { display: inline-block; padding: 0 4px; margin: 1px; border-radius: 3px; white-space: pre; }
+.masked { background: #dddddd; color: #9a9a9a; }
+.committed { background: #e8eef7; color: #1f2937; }
+.stopped { background: #f3f3f3; color: #a0a0a0; }
+.new { background: #ffb703; color: #1f2937; font-weight: 700; box-shadow: 0 0 0 2px #c83c00; }
+"""
+
+
+class GenerationCancelled(Exception):
+    """Raised inside `step_callback` to stop a generation nobody is watching any more."""
+
+
+PROGRESS_PREFIX = "*denoising…"
+
+
+def stream_generation(model, input_ids: torch.Tensor, **settings: Any) -> Iterator[tuple[str, Any]]:
+    """Run `model.diffusion_generate(input_ids, **settings)` in a worker thread and yield its progress as it happens:
+    `("step", canvas)` after every denoising step ([B, P + N] ids, masks in place), then `("done", output)` (a
+    `DiffusionGenerateOutput`). An error in the worker (e.g. a `ValueError` for bad settings) is re-raised here;
+    closing the iterator early stops the worker at its next step."""
+    events: queue.Queue = queue.Queue()
+    stop = threading.Event()
+
+    def on_step(canvas: torch.Tensor) -> None:
+        if stop.is_set():
+            raise GenerationCancelled
+        events.put(("step", canvas.cpu()))
+
+    def work() -> None:
+        try:
+            output = model.diffusion_generate(
+                input_ids, step_callback=on_step, return_dict_in_generate=True, **settings
+            )
+            events.put(("done", output))
+        except GenerationCancelled:
+            pass
+        except Exception as err:  # handed to the consumer, which raises it in its own thread
+            events.put(("error", err))
+
+    worker = threading.Thread(target=work, name="diffusion_generate", daemon=True)
+    worker.start()
+    try:
+        while True:
+            kind, payload = events.get()
+            if kind == "error":
+                raise payload
+            yield kind, payload
+            if kind == "done":
+                return
+    finally:
+        stop.set()
+
+
+def canvas_html(cells: list[Cell], block_length: int, unmask_step: list[int] | None = None) -> str:
+    """The canvas as HTML, one row per block: `▒▒` for masked cells, tokens committed at the latest step
+    highlighted, pad filled in after a stop greyed. With `unmask_step` (the finished generation's, one step index per
+    cell) committed cells are coloured by the step that unmasked them, as in `denoise_viz.render_heatmap`."""
+    total = max(unmask_step, default=0) + 1 if unmask_step else 0
+    parts = ['<div class="canvas">']
+    for start in range(0, len(cells), block_length):
+        parts.append(f'<div class="block"><span class="label">block {start // block_length}</span>')
+        for i in range(start, min(start + block_length, len(cells))):
+            cell, style = cells[i], ""
+            text = MASK_GLYPH if cell.state == MASKED else escape(cell.text)
+            if total and cell.state != MASKED and unmask_step[i] >= 0:
+                fill = step_colour(unmask_step[i], total)
+                style = f' style="background: rgb{fill}; color: rgb{text_colour(fill)}" title="step {unmask_step[i]}"'
+            parts.append(f'<span class="cell {cell.state}"{style}>{text}</span>')
+        parts.append("</div>")
+    if total:
+        gradient = ", ".join(f"rgb{step_colour(k, 5)}" for k in range(5))
+        parts.append(
+            f'<div class="legend">colour = step that unmasked the token: 0 <span class="bar" '
+            f'style="background: linear-gradient(to right, {gradient})"></span> {total - 1}</div>'
+        )
+    parts.append("</div>")
+    return "".join(parts)
+
+
+def escape(text: str) -> str:
+    """HTML-escape `text`, and the characters Gradio's HTML template syntax would interpret."""
+    return html.escape(text).replace("$", "&#36;").replace("{", "&#123;").replace("}", "&#125;")
+
+
+def message_text(content: Any) -> str:
+    """The text of a chat message's content as the Chatbot hands it over: a string or a list of content parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        return content.get("text", "")
+    return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+
+
+def decoding_settings(
+    max_new_tokens: float,
+    block_length: float,
+    steps: float,
+    threshold: float,
+    cache: str,
+    temperature: float,
+    remasking: str,
+) -> dict[str, Any]:
+    """`diffusion_generate` keywords from the UI controls: `steps` 0 = one token per step, `threshold` 0 = off,
+    `cache` one of none / prefix / dual. Raises `ValueError` naming a value the controls cannot mean."""
+
+    def whole(name: str, value: float) -> int:
+        if value is None or float(value) != int(value):
+            raise ValueError(f"{name}={value!r}: expected a whole number")
+        return int(value)
+
+    if cache not in CACHE_CHOICES:
+        raise ValueError(f"cache={cache!r}: expected one of {CACHE_CHOICES}")
+    if remasking not in REMASKING_STRATEGIES:
+        raise ValueError(f"remasking={remasking!r}: expected one of {list(REMASKING_STRATEGIES)}")
+    return {
+        "max_new_tokens": whole("max_new_tokens", max_new_tokens),
+        "block_length": whole("block_length", block_length),
+        "steps": whole("steps", steps) or None,
+        "threshold": float(threshold) or None,
+        "use_cache": CACHE_MODES[CACHE_CHOICES.index(cache)],
+        "temperature": float(temperature),
+        "remasking": remasking,
+    }
+
+
+def build_demo(
+    model,
+    tokenizer,
+    max_new_tokens: int = 128,
+    block_length: int = 32,
+    steps: int = 0,
+    threshold: float = 0.0,
+    cache: str = "none",
+    temperature: float = 0.0,
+    title: str = "LLaDA-MoE",
+) -> gr.Blocks:
+    """The chat demo as a `gr.Blocks` (not launched): pass a loaded model and its tokenizer (with a chat template)
+    and the initial values of the decoding controls. Its `/chat` endpoint takes (message, history, max_new_tokens,
+    block_length, steps, threshold, cache, temperature, remasking, stop_at_turn_end) and streams (chat history,
+    canvas HTML, status, cleared textbox)."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError("build_demo: the tokenizer has no chat template; the demo needs one for multi-turn chat")
+    if cache not in CACHE_CHOICES:
+        raise ValueError(f"build_demo: cache={cache!r}; expected one of {CACHE_CHOICES}")
+    mask_id = model.generation_config.mask_token_id
+    mask_id = model.config.mask_token_id if mask_id is None else mask_id
+    turn_end = end_of_turn_ids(tokenizer)
+
+    def chat(message, history, max_new_tokens, block_length, steps, threshold, cache, temperature, remasking, stop):
+        if not message or not message.strip():
+            raise gr.Error("Type a message first.")
+        turns = [{"role": m["role"], "content": message_text(m["content"])} for m in history or []]
+        # A progress placeholder left by an interrupted generation is not part of the conversation.
+        turns = [turn for turn in turns if not turn["content"].startswith(PROGRESS_PREFIX)]
+        turns.append({"role": "user", "content": message})
+        try:
+            settings = decoding_settings(max_new_tokens, block_length, steps, threshold, cache, temperature, remasking)
+            input_ids = encode_prompt(tokenizer, messages=turns).to(model.device)
+        except ValueError as err:
+            raise gr.Error(str(err)) from err
+        if stop and turn_end:  # stop decoding blocks once one holds an end of turn; the answer is unchanged
+            settings.update(stop_at_eos=True, eos_token_id=turn_end)
+        prompt_length, length = input_ids.shape[1], settings["max_new_tokens"]
+        started, previous, step, output = time.perf_counter(), None, 0, None
+        try:
+            for kind, payload in stream_generation(model, input_ids, **settings):
+                if kind == "step":
+                    step += 1
+                    cells = canvas_cells(payload[0], previous, prompt_length, tokenizer, mask_id)
+                    previous = payload[0]
+                    done = sum(cell.state != MASKED for cell in cells)
+                    new = sum(cell.state == NEW for cell in cells)
+                    status = f"step {step}: +{new} tokens, {done}/{length} unmasked"
+                    progress = f"{PROGRESS_PREFIX} step {step}, {done}/{length} tokens*"
+                    thinking = {"role": "assistant", "content": progress}
+                    yield [*turns, thinking], canvas_html(cells, settings["block_length"]), status, ""
+                else:
+                    output = payload
+        except ValueError as err:  # the settings diffusion_generate rejects (e.g. block length vs canvas)
+            raise gr.Error(str(err)) from err
+        seconds = time.perf_counter() - started
+        answer = decode_completion(tokenizer, output.sequences[0, prompt_length:])
+        cells = canvas_cells(output.sequences[0], None, prompt_length, tokenizer, mask_id)
+        stopped = (output.unmask_step[0] < 0).tolist()  # the pad filled in after the end of turn
+        cells = [Cell(cell.text, STOPPED if pad else COMMITTED) for cell, pad in zip(cells, stopped)]
+        status = (
+            f"done: {int(output.nfe[0])} forward passes, {float(output.tokens_per_forward[0]):.2f} tokens/forward, "
+            f"{seconds:.1f} s"
+        )
+        reply = {"role": "assistant", "content": answer}
+        html_canvas = canvas_html(cells, settings["block_length"], output.unmask_step[0].tolist())
+        yield [*turns, reply], html_canvas, status, ""
+
+    with gr.Blocks(title=title) as demo:
+        gr.Markdown(f"## {html.escape(title)}: masked-diffusion chat")
+        with gr.Row():
+            with gr.Column(scale=3):
+                chatbot = gr.Chatbot(label="chat", height=360)
+                with gr.Row():
+                    textbox = gr.Textbox(
+                        placeholder="Message", label="message", show_label=False, scale=5, autofocus=True
+                    )
+                    send = gr.Button("Send", variant="primary", scale=1)
+                clear = gr.Button("Clear chat", size="sm")
+            with gr.Column(scale=2):
+                status = gr.Markdown("The canvas fills in here while the model denoises.", label="status")
+                canvas = gr.HTML("", label="canvas", css_template=CANVAS_CSS)
+        with gr.Accordion("Decoding", open=True):
+            with gr.Row():
+                new_tokens = gr.Slider(8, 1024, value=max_new_tokens, step=8, label="max new tokens (canvas)")
+                blocks = gr.Dropdown(sorted({*BLOCK_CHOICES, block_length}), value=block_length, label="block length")
+                steps_box = gr.Slider(0, 1024, value=steps, step=1, label="steps (0 = one token per step)")
+                threshold_box = gr.Slider(0, 1, value=threshold, step=0.05, label="threshold (0 = off)")
+            with gr.Row():
+                cache_box = gr.Radio(CACHE_CHOICES, value=cache, label="KV cache")
+                temperature_box = gr.Slider(0, 2, value=temperature, step=0.1, label="temperature (0 = greedy)")
+                remasking_box = gr.Dropdown(list(REMASKING_STRATEGIES), value="low_confidence", label="remasking")
+                stop_box = gr.Checkbox(value=True, label="stop at end of turn")
+        controls = [new_tokens, blocks, steps_box, threshold_box, cache_box, temperature_box, remasking_box, stop_box]
+        gr.on(
+            triggers=[textbox.submit, send.click],
+            fn=chat,
+            inputs=[textbox, chatbot, *controls],
+            outputs=[chatbot, canvas, status, textbox],
+            api_name="chat",
+            show_progress="hidden",
+        )
+        clear.click(lambda: ([], "", ""), outputs=[chatbot, canvas, status], api_visibility="private")
+    return demo
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", help="model folder or Hub repo id (official checkpoint or saved by llada-moe)")
+    parser.add_argument("--tiny", action="store_true", help="a tiny random model and word-level tokenizer (offline)")
+    parser.add_argument("--bits", type=int, choices=[4, 8], default=None, help="load 4- or 8-bit (bitsandbytes)")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when available)")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="initial canvas length (default 128)")
+    parser.add_argument("--block-length", type=int, default=None, help="initial block length (default 32)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0 = every interface)")
+    parser.add_argument("--port", type=int, default=7860, help="port to serve on (default 7860)")
+    parser.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
+    args = parser.parse_args(argv)
+
+    if args.tiny == bool(args.model):
+        parser.error("pass exactly one of --model PATH_OR_REPO or --tiny")
+    if not 0 < args.port < 65536:
+        parser.error(f"--port {args.port}: expected a port number in 1..65535")
+    if args.tiny:
+        from benchmarks.tiny_task import save_tiny_folder
+
+        source, new_tokens, block = save_tiny_folder(tempfile.mkdtemp(prefix="llada_moe_tiny_")), 32, 8
+    else:
+        source, new_tokens, block = args.model, 128, 32
+    new_tokens = args.max_new_tokens or new_tokens
+    block = args.block_length or block
+    if new_tokens < 1 or block < 1 or new_tokens % block:
+        parser.error(f"--block-length {block} must be a positive divisor of --max-new-tokens {new_tokens}")
+    try:
+        model, tokenizer = load_model_and_tokenizer(source, bits=args.bits, device=args.device)
+        demo = build_demo(model, tokenizer, max_new_tokens=new_tokens, block_length=block)
+    except (ValueError, FileNotFoundError) as err:
+        parser.error(str(err))
+    demo.queue().launch(server_name=args.host, server_port=args.port, share=args.share)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,682 @@
+"""The `llada-moe` command line: `generate`, `chat`, `convert` and `bench`.
+
+    llada-moe generate "Why is the sky blue?" --threshold 0.9 --use-cache dual
+    llada-moe chat --bits 4
+    llada-moe convert path/to/official-checkpoint out/llada-moe-nf4 --bits 4 --push-to-hub you/LLaDA-MoE-nf4
+    llada-moe bench generation -- --repeats 3
+
+Exit codes: 0 success, 2 bad input (flags, paths, generation settings; printed as `error: ...`), 1 a failure while
+running (the Hub unreachable, a converted folder that does not reload identically).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import re
+import runpy
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase, TextStreamer
+
+from .configuration_llada_moe import LLaDAMoEConfig
+from .generation_utils import REMASKING_STRATEGIES, DiffusionGenerationConfig
+from .hub import hub_token, login_help, push_folder
+from .inference import (
+    DTYPES,
+    END_OF_TURN,
+    check_messages,
+    check_model_source,
+    decode_completion,
+    encode_prompt,
+    end_of_turn_ids,
+    load_model_and_tokenizer,
+)
+from .modeling_llada_moe import LLaDAMoEForMaskedLM
+
+
+DEFAULT_MODEL = "inclusionAI/LLaDA-MoE-7B-A1B-Instruct"
+BENCHMARKS = {
+    "generation": "decoding modes of diffusion_generate: NFE, tokens/forward, tokens/s (tiny trained model on CPU)",
+    "forward": "one forward per experts implementation: latency and peak memory (7B-shaped layer)",
+    "moe": "the MoE block alone per experts backend, bf16 and NF4, against the memory-bandwidth bound (GPU)",
+}
+# Decoding flags whose value is the `DiffusionGenerationConfig` field of the same name (dashes for underscores).
+PLAIN_DECODING_FIELDS = (
+    "max_new_tokens",
+    "steps",
+    "block_length",
+    "temperature",
+    "top_k",
+    "top_p",
+    "cfg_scale",
+    "remasking",
+    "threshold",
+    "factor",
+)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Argument types: a bad value is an argparse error (exit 2) that names it and says what is accepted.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _number(text: str, kind: type, accepted: str, ok) -> Any:
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not ok(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not {accepted}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    return _number(text, int, "a positive integer", lambda v: v > 0)
+
+
+def non_negative_float(text: str) -> float:
+    return _number(text, float, "a number >= 0", lambda v: v >= 0)
+
+
+def positive_float(text: str) -> float:
+    return _number(text, float, "a number > 0", lambda v: v > 0)
+
+
+def unit_interval(text: str) -> float:
+    return _number(text, float, "a number in (0, 1]", lambda v: 0 < v <= 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Decoding flags -> DiffusionGenerationConfig (shared by generate and chat)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that mirror `DiffusionGenerationConfig`; a flag left out keeps the model's generation_config.json."""
+    group = parser.add_argument_group("decoding (flags left out keep the model's generation_config.json)")
+    group.add_argument("--max-new-tokens", type=positive_int, metavar="N", help="answer canvas length (default 128)")
+    group.add_argument(
+        "--steps",
+        type=positive_int,
+        metavar="N",
+        help="denoising steps in all, a multiple of the number of blocks (default: max-new-tokens, one token per step)",
+    )
+    group.add_argument(
+        "--block-length",
+        type=positive_int,
+        metavar="N",
+        help="semi-autoregressive block size; divides --max-new-tokens (default 32)",
+    )
+    group.add_argument("--temperature", type=non_negative_float, metavar="T", help="0 = greedy (default)")
+    group.add_argument("--top-k", type=positive_int, metavar="K", help="sampling filter (needs --temperature > 0)")
+    group.add_argument("--top-p", type=unit_interval, metavar="P", help="nucleus filter (needs --temperature > 0)")
+    group.add_argument("--cfg-scale", type=non_negative_float, metavar="S", help="classifier-free guidance (0 = off)")
+    group.add_argument("--remasking", choices=REMASKING_STRATEGIES, help="how masked positions are ranked")
+    group.add_argument(
+        "--threshold",
+        type=unit_interval,
+        metavar="C",
+        help="Fast-dLLM parallel decoding: commit every token with confidence >= C (the best always); e.g. 0.9",
+    )
+    group.add_argument(
+        "--factor", type=positive_float, metavar="F", help="Fast-dLLM factor rule (exclusive with --threshold)"
+    )
+    group.add_argument(
+        "--use-cache", choices=("none", "prefix", "dual"), help="approximate KV cache refreshed at each block start"
+    )
+    group.add_argument(
+        "--stop-at-eos",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="stop once a finished block holds an EOS; the answer ends there anyway (default: on)",
+    )
+    group.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        dest="stop_strings",
+        metavar="TEXT",
+        help=f"stop string (repeatable); {END_OF_TURN} is added when the vocabulary has it",
+    )
+    group.add_argument("--seed", type=int, help="seed of the sampling generator (--temperature > 0, random remasking)")
+
+
+def decoding_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The `DiffusionGenerationConfig` fields the parsed decoding flags set; flags left out are not in the dict."""
+    kwargs = {name: getattr(args, name) for name in PLAIN_DECODING_FIELDS if getattr(args, name) is not None}
+    if args.use_cache is not None:
+        kwargs["use_cache"] = None if args.use_cache == "none" else args.use_cache
+    kwargs["stop_at_eos"] = args.stop_at_eos
+    if args.stop_strings:
+        kwargs["stop_strings"] = list(args.stop_strings)
+    return kwargs
+
+
+def generation_config(
+    model: LLaDAMoEForMaskedLM, tokenizer: PreTrainedTokenizerBase, args: argparse.Namespace
+) -> DiffusionGenerationConfig:
+    """The model's generation config with the flags applied and `<|role_end|>` as a stop string, validated.
+
+    Raises `ValueError` naming the flag (e.g. `--block-length=5 ... it must divide max_new_tokens=16`)."""
+    config = copy.deepcopy(model.generation_config)
+    if not isinstance(config, DiffusionGenerationConfig):
+        config = DiffusionGenerationConfig.from_dict(config.to_dict())
+    for name, value in decoding_kwargs(args).items():
+        setattr(config, name, value)
+    stops = config.stop_strings or []
+    stops = [stops] if isinstance(stops, str) else list(stops)
+    if END_OF_TURN in tokenizer.get_vocab() and END_OF_TURN not in stops:
+        stops.append(END_OF_TURN)
+    config.stop_strings = stops or None
+    try:
+        config.validate()
+    except ValueError as err:
+        flags = {name: "--" + name.replace("_", "-") for name in (*PLAIN_DECODING_FIELDS, "use_cache")}
+        message = re.sub(r"`(\w+)`", lambda m: flags.get(m.group(1), m.group(0)), str(err))
+        raise ValueError(message.replace("DiffusionGenerationConfig: ", "decoding flags: ")) from err
+    return config
+
+
+def sampling_generator(args: argparse.Namespace, model: LLaDAMoEForMaskedLM) -> torch.Generator | None:
+    """A seeded generator on the model's device with `--seed`, else None (fresh randomness)."""
+    if args.seed is None:
+        return None
+    return torch.Generator(device=model.device).manual_seed(args.seed)
+
+
+class AnswerStreamer(TextStreamer):
+    """Prints the answer as `diffusion_generate` finalises each block, up to the first end-of-turn id (EOS or
+    `<|role_end|>`), so the streamed text is the text `decode_completion` returns."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase):
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.stop_ids = set(end_of_turn_ids(tokenizer))
+        self.stopped = False
+        self.started = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.next_tokens_are_prompt:
+            super().put(value)
+            return
+        if self.stopped:
+            return
+        ids = value.reshape(-1).tolist()
+        for i, token in enumerate(ids):
+            if token in self.stop_ids:
+                ids, self.stopped = ids[:i], True
+                break
+        if ids:
+            super().put(torch.tensor(ids))
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        if not self.started:  # the non-streamed answer is stripped: drop leading whitespace here too
+            text = text.lstrip()
+            self.started = bool(text)
+        super().on_finalized_text(text, stream_end)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# generate / chat
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"local folder (official layout or saved by llada-moe) or Hub repo id (default {DEFAULT_MODEL})",
+    )
+    group.add_argument("--tokenizer", help="tokenizer folder or repo id (default: the model's)")
+    group.add_argument(
+        "--bits", type=int, choices=(4, 8), help="load quantized with bitsandbytes: 4 (NF4) or 8 (LLM.int8)"
+    )
+    group.add_argument(
+        "--dtype",
+        default="auto",
+        choices=sorted(DTYPES),
+        help="weights dtype (compute dtype with --bits); auto = the checkpoint's",
+    )
+    group.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    group.add_argument("--trust-remote-code", action="store_true", help="allow the tokenizer's own code, if it has any")
+
+
+def load(args: argparse.Namespace) -> tuple[LLaDAMoEForMaskedLM, PreTrainedTokenizerBase]:
+    return load_model_and_tokenizer(
+        args.model,
+        bits=args.bits,
+        dtype=args.dtype,
+        device=args.device,
+        tokenizer_name_or_path=args.tokenizer,
+        trust_remote_code=args.trust_remote_code,
+    )
+
+
+def read_messages(value: str) -> list[dict[str, str]]:
+    """`--messages`: a JSON file, or a JSON string, holding a list of {"role", "content"} turns."""
+    path = Path(value).expanduser()
+    text = path.read_text() if path.is_file() else value
+    try:
+        messages = json.loads(text)
+    except json.JSONDecodeError as err:
+        if not value.lstrip().startswith(("[", "{")):
+            raise ValueError(f"--messages {value!r}: no such file, and not a JSON list of chat turns") from err
+        raise ValueError(f"--messages: invalid JSON ({err}); expected a list of {{'role', 'content'}} turns") from err
+    try:
+        check_messages(messages)
+    except ValueError as err:
+        raise ValueError(f"--messages: {err}") from err
+    return messages
+
+
+def read_prompt(args: argparse.Namespace) -> tuple[str | None, list[dict[str, str]] | None]:
+    """(prompt, messages) from the positional prompt, `--prompt`, `--messages` or piped stdin; one of them."""
+    given = [name for name, value in (("PROMPT", args.prompt), ("--prompt", args.prompt_option)) if value is not None]
+    if args.messages is not None:
+        given.append("--messages")
+    if len(given) > 1:
+        raise ValueError(f"give the prompt once: got {' and '.join(given)}")
+    if args.messages is not None:
+        if args.no_chat_template:
+            raise ValueError("--messages are chat turns and need the chat template; drop --no-chat-template")
+        return None, read_messages(args.messages)
+    prompt = args.prompt if args.prompt is not None else args.prompt_option
+    if prompt is None:
+        if sys.stdin is None or sys.stdin.isatty():
+            raise ValueError("no prompt: pass PROMPT, --prompt TEXT, --messages JSON, or pipe the prompt on stdin")
+        prompt = sys.stdin.read().strip()
+    if not prompt.strip():
+        raise ValueError("the prompt is empty")
+    if args.system is not None and args.no_chat_template:
+        raise ValueError("--system needs the chat template; drop --no-chat-template")
+    return prompt, None
+
+
+def require_chat_template(tokenizer: PreTrainedTokenizerBase, args: argparse.Namespace, what: str) -> None:
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(
+            f"{what} needs a tokenizer with a chat template, and the tokenizer of {args.tokenizer or args.model!r} "
+            "has none (a base model?); use `llada-moe generate --no-chat-template TEXT` for plain completion"
+        )
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    prompt, messages = read_prompt(args)
+    model, tokenizer = load(args)
+    if messages is not None:
+        require_chat_template(tokenizer, args, "--messages")
+    elif args.system is not None:
+        require_chat_template(tokenizer, args, "--system")
+    config = generation_config(model, tokenizer, args)
+    chat_template = False if args.no_chat_template else None
+    input_ids = encode_prompt(tokenizer, prompt, messages, system=args.system, chat_template=chat_template)
+    streamer = None if args.no_stream or args.json else AnswerStreamer(tokenizer)
+    start = time.perf_counter()
+    out = model.diffusion_generate(
+        input_ids.to(model.device),
+        generation_config=config,
+        streamer=streamer,
+        generator=sampling_generator(args, model),
+        tokenizer=tokenizer,
+        return_dict_in_generate=True,
+    )
+    seconds = time.perf_counter() - start
+    text = decode_completion(tokenizer, out.sequences[0, input_ids.shape[1] :])
+    if args.json:
+        result = {
+            "text": text,
+            "nfe": int(out.nfe[0]),
+            "tokens_per_forward": round(float(out.tokens_per_forward[0]), 4),
+            "seconds": round(seconds, 4),
+            "prompt_tokens": int(input_ids.shape[1]),
+            "generated_tokens": int((out.unmask_step[0] >= 0).sum()),
+        }
+        print(json.dumps(result, ensure_ascii=False))
+    elif streamer is None:
+        print(text)
+    return 0
+
+
+CHAT_HELP = "/reset clears the conversation, /system TEXT sets the system prompt (/system alone drops it), /exit quits"
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    model, tokenizer = load(args)
+    require_chat_template(tokenizer, args, "chat")
+    config = generation_config(model, tokenizer, args)
+    generator = sampling_generator(args, model)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"LLaDA-MoE chat ({args.model}). {CHAT_HELP}; Ctrl-D also quits.", file=sys.stderr)
+    system, messages = args.system, []
+    while True:
+        try:
+            line = input("> " if interactive else "").strip()
+        except EOFError:
+            break
+        if not line:
+            continue
+        command, _, rest = line.partition(" ")
+        if command in ("/exit", "/quit"):
+            break
+        if command == "/reset":
+            messages = []
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        if command == "/system":
+            system = rest.strip() or None
+            print(f"(system prompt {'set' if system else 'removed'})", file=sys.stderr)
+            continue
+        if command.startswith("/") and command[1:].isalpha():
+            print(f"unknown command {command!r}: {CHAT_HELP}", file=sys.stderr)
+            continue
+        messages.append({"role": "user", "content": line})
+        input_ids = encode_prompt(tokenizer, messages=messages, system=system)
+        streamer = None if args.no_stream else AnswerStreamer(tokenizer)
+        try:
+            out = model.diffusion_generate(
+                input_ids.to(model.device),
+                generation_config=config,
+                streamer=streamer,
+                generator=generator,
+                tokenizer=tokenizer,
+            )
+        except ValueError as err:  # e.g. the conversation outgrew max_position_embeddings
+            messages.pop()
+            print(f"error: {err} (/reset starts a new conversation)", file=sys.stderr)
+            continue
+        answer = decode_completion(tokenizer, out[0, input_ids.shape[1] :])
+        if streamer is None:
+            print(answer)
+        messages.append({"role": "assistant", "content": answer})
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# convert
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def load_tokenizer(args: argparse.Namespace, config: LLaDAMoEConfig) -> PreTrainedTokenizerBase | None:
+    """The tokenizer of `--tokenizer` (default: the source), or None with a warning when the source has none."""
+    source = args.tokenizer or args.source
+    try:
+        # `config=`: AutoTokenizer would otherwise read the official config.json, which names remote code.
+        return AutoTokenizer.from_pretrained(source, config=config, trust_remote_code=args.trust_remote_code)
+    except (OSError, ValueError) as err:
+        if args.tokenizer is not None:
+            raise ValueError(f"--tokenizer {args.tokenizer!r}: could not load a tokenizer ({err})") from err
+        print(
+            f"warning: no tokenizer found in {source!r}; the folder holds the model only (pass --tokenizer PATH)",
+            file=sys.stderr,
+        )
+        return None
+
+
+def verify_input(vocab_size: int) -> torch.Tensor:
+    return torch.randint(0, vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+
+
+def verify_folder(destination: Path, quantized: bool, expected: torch.Tensor | None, input_ids: torch.Tensor) -> str:
+    """Reload the converted folder with `AutoModel.from_pretrained(trust_remote_code=True)` and run a forward;
+    returns a one-line report, raises `RuntimeError` when the logits differ from the source model's."""
+    kwargs = {"device_map": "cpu"} if quantized else {}
+    model = AutoModel.from_pretrained(destination, trust_remote_code=True, dtype="auto", **kwargs).eval()
+    with torch.no_grad():
+        logits = model(input_ids).logits
+    if not torch.isfinite(logits).all():
+        raise RuntimeError(f"{destination}: the reloaded model gives non-finite logits")
+    if expected is None:
+        return "reloaded with AutoModel.from_pretrained(trust_remote_code=True): forward OK"
+    if not torch.equal(logits, expected):
+        difference = (logits.float() - expected.float()).abs().max().item()
+        raise RuntimeError(f"{destination}: reloaded logits differ from the source model's (max |diff| {difference})")
+    return "reloaded with AutoModel.from_pretrained(trust_remote_code=True): logits identical to the source model"
+
+
+def check_destination(args: argparse.Namespace) -> Path:
+    """The destination folder, refused when it is the source or holds files (unless --overwrite)."""
+    destination = Path(args.destination).expanduser()
+    if Path(args.source).expanduser().resolve() == destination.resolve():
+        raise ValueError(f"destination {str(destination)!r} is the source folder; choose a new folder")
+    if destination.is_file() or (destination.is_dir() and any(destination.iterdir()) and not args.overwrite):
+        raise ValueError(f"destination {str(destination)!r} is not an empty folder; choose a new one or --overwrite")
+    return destination
+
+
+def check_repo_id(repo_id: str) -> None:
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except ValueError as err:
+        raise ValueError(f"--push-to-hub {repo_id!r}: {err} Expected owner/name.") from err
+    if hub_token() is None:
+        print("note: no Hugging Face token found; the folder will be saved but not pushed", file=sys.stderr)
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    check_model_source(args.source)
+    destination = check_destination(args)
+    if args.push_to_hub is not None:
+        check_repo_id(args.push_to_hub)
+    overrides = {} if args.mask_token_id is None else {"mask_token_id": args.mask_token_id}
+    config = LLaDAMoEConfig.from_pretrained(args.source, **overrides)
+    if config.mask_token_id is None or not 0 <= config.mask_token_id < config.vocab_size:
+        raise ValueError(
+            f"mask_token_id={config.mask_token_id} is not in the vocabulary [0, {config.vocab_size}); pass "
+            "--mask-token-id ID (the official config.json has no mask id; the 7B's <|mask|> is 156895)"
+        )
+    tokenizer = load_tokenizer(args, config)
+
+    input_ids, expected = verify_input(config.vocab_size), None
+    if args.bits is not None:
+        from quantization import load_quantized
+
+        compute = None if args.dtype == "auto" else DTYPES[args.dtype]
+        model = load_quantized(args.source, bits=args.bits, compute_dtype=compute, device_map="cpu", **overrides)
+    else:
+        model = LLaDAMoEForMaskedLM.from_pretrained(args.source, dtype=DTYPES[args.dtype], **overrides).eval()
+        if not args.no_verify:
+            with torch.no_grad():
+                expected = model(input_ids).logits
+    if model.generation_config.mask_token_id is None:
+        model.generation_config.mask_token_id = model.config.mask_token_id
+    # A quantized model is saved before any forward: bitsandbytes' CPU 4-bit layers repack their weights on the
+    # first forward (bitsandbytes#2078), and saving afterwards would write changed weights.
+    model.save_pretrained(destination, **({"max_shard_size": args.max_shard_size} if args.max_shard_size else {}))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(destination)
+    del model  # before the reload: a 7B should not be in memory twice
+    gc.collect()
+    files = ", ".join(sorted(path.name for path in destination.iterdir()))
+    print(f"saved {destination} ({'with' if tokenizer is not None else 'without'} tokenizer): {files}")
+
+    if not args.no_verify:
+        try:
+            print(verify_folder(destination, args.bits is not None, expected, input_ids))
+        except RuntimeError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+    if args.push_to_hub is not None:
+        if hub_token() is None:
+            print(login_help(destination, args.push_to_hub, args.private))
+        else:
+            print(f"pushed to {push_folder(destination, args.push_to_hub, args.private)}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# bench
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def find_benchmarks(package_root: Path | None = None) -> Path:
+    """The repository root holding `benchmarks/` (beside this package in an editable install, or the current
+    folder); `FileNotFoundError` explains what to do when the package was installed without it."""
+    package_root = package_root or Path(__file__).resolve().parents[1]
+    for root in (package_root, Path.cwd()):
+        if all((root / "benchmarks" / f"{name}.py").is_file() for name in BENCHMARKS):
+            return root
+    raise FileNotFoundError(
+        f"the benchmarks are not installed with the package (no benchmarks/ beside {package_root} or in "
+        f"{Path.cwd()}); clone the llada-moe repository, `pip install -e .` in it, and run `llada-moe bench` there"
+    )
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    root = find_benchmarks()
+    extra = args.args[1:] if args.args[:1] == ["--"] else args.args
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    saved_argv = sys.argv
+    sys.argv = [f"llada-moe bench {args.name}", *extra]
+    try:
+        runpy.run_module(f"benchmarks.{args.name}", run_name="__main__")  # argparse prog: argv[0]
+    except SystemExit as exit:  # the benchmark's own argparse (--help, a bad flag)
+        return exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 1)
+    finally:
+        sys.argv = saved_argv
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# parser and entry point
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `llada-moe` argument parser with its four subcommands."""
+    parser = argparse.ArgumentParser(
+        prog="llada-moe",
+        description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    raw = argparse.RawDescriptionHelpFormatter
+
+    generate = commands.add_parser(
+        "generate",
+        help="answer one prompt (streamed block by block)",
+        formatter_class=raw,
+        description="Answer one prompt with diffusion_generate, printing each block as soon as it is final.",
+        epilog=(
+            "examples:\n"
+            '  llada-moe generate "Explain diffusion language models." --threshold 0.9 --use-cache dual\n'
+            "  llada-moe generate --messages chat.json --bits 4 --json\n"
+            '  echo "t1 t2" | llada-moe generate --model ./tiny --no-chat-template'
+        ),
+    )
+    generate.add_argument("prompt", nargs="?", help="the prompt (or --prompt, --messages, or piped on stdin)")
+    generate.add_argument("--prompt", dest="prompt_option", metavar="TEXT", help="the prompt, as an option")
+    generate.add_argument(
+        "--messages", metavar="JSON", help='chat turns: a JSON file or string, [{"role": "user", "content": "..."}]'
+    )
+    generate.add_argument("--system", metavar="TEXT", help="system prompt (chat template only)")
+    generate.add_argument(
+        "--no-chat-template", action="store_true", help="tokenize the prompt as it is (base models, completion)"
+    )
+    generate.add_argument("--no-stream", action="store_true", help="print the answer once it is complete")
+    generate.add_argument(
+        "--json", action="store_true", help="print one JSON object: text, nfe, tokens_per_forward, seconds, ..."
+    )
+    add_model_arguments(generate)
+    add_decoding_arguments(generate)
+    generate.set_defaults(run=run_generate)
+
+    chat = commands.add_parser(
+        "chat",
+        help="multi-turn chat on stdin",
+        formatter_class=raw,
+        description="Chat with the model's chat template, keeping the conversation. One line is one turn; lines\n"
+        "are read from stdin, so a conversation can be piped in. Commands:\n"
+        "  /reset         clear the conversation\n"
+        "  /system TEXT   set the system prompt (/system alone drops it)\n"
+        "  /exit          quit (so does EOF, Ctrl-D)",
+        epilog='example:\n  printf "Hi!\\nAnd in French?\\n" | llada-moe chat --threshold 0.9 --use-cache dual',
+    )
+    chat.add_argument("--system", metavar="TEXT", help="system prompt (change it with /system TEXT)")
+    chat.add_argument("--no-stream", action="store_true", help="print each answer once it is complete")
+    add_model_arguments(chat)
+    add_decoding_arguments(chat)
+    chat.set_defaults(run=run_chat)
+
+    convert = commands.add_parser(
+        "convert",
+        help="official checkpoint -> Hub folder of this package (optionally quantized, pushed)",
+        formatter_class=raw,
+        description="Convert a LLaDA-MoE checkpoint (the official layout, or a folder of this package) into a folder\n"
+        "that loads with AutoModel.from_pretrained(folder, trust_remote_code=True) without this package:\n"
+        "weights, config with auto_map, the model code, a model card and the tokenizer. With --bits the\n"
+        "weights are quantized with bitsandbytes first. The folder is then reloaded with trust_remote_code\n"
+        "and checked (--no-verify skips that); --push-to-hub uploads it.",
+        epilog=(
+            "examples:\n"
+            "  llada-moe convert inclusionAI/LLaDA-MoE-7B-A1B-Instruct out/llada-moe-instruct\n"
+            "  llada-moe convert ./official out/nf4 --bits 4 --push-to-hub you/LLaDA-MoE-7B-A1B-Instruct-nf4"
+        ),
+    )
+    convert.add_argument("source", help="official checkpoint folder or Hub repo id")
+    convert.add_argument("destination", help="new folder to write")
+    convert.add_argument("--bits", type=int, choices=(4, 8), help="quantize with bitsandbytes: 4 (NF4) or 8")
+    convert.add_argument(
+        "--dtype", default="auto", choices=sorted(DTYPES), help="weights dtype (compute dtype with --bits)"
+    )
+    convert.add_argument(
+        "--mask-token-id",
+        type=int,
+        metavar="ID",
+        help="mask token id to record (the official config.json has none; the 7B default 156895 applies)",
+    )
+    convert.add_argument("--tokenizer", help="tokenizer to copy (default: the source's)")
+    convert.add_argument("--trust-remote-code", action="store_true", help="allow the tokenizer's own code")
+    convert.add_argument("--max-shard-size", metavar="SIZE", help="e.g. 5GB (default: transformers')")
+    convert.add_argument("--overwrite", action="store_true", help="write into a non-empty destination")
+    convert.add_argument("--no-verify", action="store_true", help="skip the trust_remote_code reload check")
+    convert.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the folder to this Hub repo (needs a token)")
+    convert.add_argument("--private", action="store_true", help="create the Hub repo private")
+    convert.set_defaults(run=run_convert)
+
+    bench = commands.add_parser(
+        "bench",
+        help="run a benchmark of the repository's benchmarks/",
+        formatter_class=raw,
+        description="Run one of the repository's benchmarks (needs the repository: an editable install, or the\n"
+        "repository as the current folder). Arguments after the name (or after --) go to the benchmark:\n"
+        + "\n".join(f"  {name:<11} {what}" for name, what in BENCHMARKS.items()),
+        epilog="examples:\n  llada-moe bench generation -- --repeats 3\n  llada-moe bench forward -- --help",
+    )
+    bench.add_argument("name", choices=sorted(BENCHMARKS), help="which benchmark")
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the benchmark")
+    bench.set_defaults(run=run_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `llada-moe` script: parse `argv` (default: the command line), run, return the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError) as err:  # bad input: flags, paths, generation settings
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except (OSError, ImportError) as err:  # could not run: no network, a missing optional dependency
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -866,6 +866,11 @@ def model_card(config: LLaDAMoEConfig, class_name: str) -> str:
         ("RoPE theta", config.rope_parameters["rope_theta"]),
         ("mask token id", config.mask_token_id),
     ]
+    quantization = getattr(config, "quantization_config", None)
+    if quantization is not None:  # a dict once saved, a BitsAndBytesConfig on a loaded model
+        settings = quantization if isinstance(quantization, dict) else quantization.to_dict()
+        bits = "4-bit " + settings.get("bnb_4bit_quant_type", "") if settings.get("load_in_4bit") else "8-bit LLM.int8"
+        rows.append(("weights", f"bitsandbytes {bits.strip()} (attention and experts; needs bitsandbytes)"))
     table = "\n".join(f"| {name} | {value} |" for name, value in rows)
     return f"""---
 library_name: transformers

@@ -87,7 +87,8 @@ def test_push_to_hub_example(tmp_path, monkeypatch, capsys):
     files = set(os.listdir(folder))
     assert {"README.md", "config.json", "model.safetensors", "modeling_llada_moe.py", "generation_utils.py"} <= files
     assert {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja"} <= files
-    assert "trust_remote_code=True" in (folder / "README.md").read_text()
+    card = (folder / "README.md").read_text()
+    assert "trust_remote_code=True" in card and "| weights | bitsandbytes 4-bit nf4" in card
     assert json.loads((folder / "config.json").read_text())["quantization_config"]["load_in_4bit"]
 
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}

@@ -12,7 +12,6 @@ running (the Hub unreachable, a converted folder that does not reload identicall
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import json
 import re
@@ -165,23 +164,19 @@ def generation_config(
     """The model's generation config with the flags applied and `<|role_end|>` as a stop string, validated.
 
     Raises `ValueError` naming the flag (e.g. `--block-length=5 ... it must divide max_new_tokens=16`)."""
-    config = copy.deepcopy(model.generation_config)
-    if not isinstance(config, DiffusionGenerationConfig):
-        config = DiffusionGenerationConfig.from_dict(config.to_dict())
-    for name, value in decoding_kwargs(args).items():
-        setattr(config, name, value)
-    stops = config.stop_strings or []
+    kwargs = decoding_kwargs(args)
+    stops = kwargs.get("stop_strings", model.generation_config.stop_strings) or []
     stops = [stops] if isinstance(stops, str) else list(stops)
     if END_OF_TURN in tokenizer.get_vocab() and END_OF_TURN not in stops:
         stops.append(END_OF_TURN)
-    config.stop_strings = stops or None
+    kwargs["stop_strings"] = stops or None
     try:
-        config.validate()
+        # The same copy-override-validate `diffusion_generate` applies to its keyword arguments.
+        return model._resolve_generation_config(None, kwargs)
     except ValueError as err:
         flags = {name: "--" + name.replace("_", "-") for name in (*PLAIN_DECODING_FIELDS, "use_cache")}
         message = re.sub(r"`(\w+)`", lambda m: flags.get(m.group(1), m.group(0)), str(err))
         raise ValueError(message.replace("DiffusionGenerationConfig: ", "decoding flags: ")) from err
-    return config
 
 
 def sampling_generator(args: argparse.Namespace, model: LLaDAMoEForMaskedLM) -> torch.Generator | None:

@@ -33,7 +33,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the repo's benchmarks/ (tiny model)
 
-from benchmarks.tiny_task import LING_CHAT_TEMPLATE, MASK_ID, save_tiny_folder, tiny_model, tiny_tokenizer  # noqa: E402
+from benchmarks.tiny_task import (  # noqa: E402
+    LING_CHAT_TEMPLATE,
+    save_tiny_folder,
+    tiny_model,
+    tiny_tokenizer,
+    train_to_answer,
+)
 from modeling_llada_moe.inference import END_OF_TURN, encode_prompt  # noqa: E402
 
 
@@ -55,22 +61,12 @@ def chat_reversal_batch(tokenizer, size: int, generator: torch.Generator) -> tup
 
 
 def train_chat_reversal(steps: int, seed: int = 0):
-    """A tiny model trained with the masked-diffusion loss on `chat_reversal_batch` (answer tokens masked with
-    probability t ~ U(0.05, 1)); about a minute on 2 CPU cores for 800 steps, then exact on held-out prompts."""
+    """A tiny model trained with `train_to_answer` on `chat_reversal_batch`; about a minute on 2 CPU cores for 800
+    steps, then exact on held-out prompts."""
     tokenizer = tiny_tokenizer(LING_CHAT_TEMPLATE)
-    model = tiny_model(seed).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        prompts, answers = chat_reversal_batch(tokenizer, 64, generator)
-        masked = torch.rand(answers.shape, generator=generator) < torch.rand(64, 1, generator=generator).clamp(0.05)
-        inputs = torch.cat([prompts, answers.masked_fill(masked, MASK_ID)], dim=1)
-        labels = torch.cat([torch.full_like(prompts, -100), answers.masked_fill(~masked, -100)], dim=1)
-        loss = model(inputs, labels=labels).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
+    model = train_to_answer(
+        tiny_model(seed), lambda generator: chat_reversal_batch(tokenizer, 64, generator), steps, seed
+    )
     prompts, answers = chat_reversal_batch(tokenizer, 32, torch.Generator().manual_seed(seed + 1))
     out = model.diffusion_generate(prompts, max_new_tokens=CANVAS, block_length=BLOCK)
     exact = (out[:, prompts.shape[1] :] == answers).all(dim=1).float().mean().item()

@@ -41,8 +41,7 @@ def main() -> None:
     model, tokenizer = load_model_and_tokenizer(source, bits=args.bits)
 
     # Weights (official per-expert keys; the flattened layout when quantized), config.json with an auto_map naming
-    # the model code copied beside it, generation_config.json and a README.md model card. A quantized model is saved
-    # before any forward pass: bitsandbytes' CPU 4-bit layers repack their weights on the first one.
+    # the model code copied beside it, generation_config.json and a README.md model card.
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     print(f"saved {out}: {', '.join(sorted(path.name for path in out.iterdir()))}")

@@ -36,6 +36,8 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
+from .bnb_layout import is_cpu_packed
+
 
 try:
     import triton
@@ -385,10 +387,11 @@ def _describe_weight(weight: torch.Tensor, rows: int, cols: int) -> _Weight:
     state = weight.quant_state
     if state is None or not getattr(weight, "bnb_quantized", True):
         raise ValueError("bitsandbytes Params4bit expert weight is not quantized yet (move it to the device first)")
-    if getattr(state, "packing_format_for_cpu", False):
+    if is_cpu_packed(weight):
         raise ValueError(
-            "the 4-bit expert weight is in bitsandbytes' CPU-repacked layout (a Linear4bit forward ran on CPU); "
-            "the fused kernels read the standard packed layout"
+            "the 4-bit expert weight is in bitsandbytes' AVX512-BF16 CPU layout (a Linear4bit forward ran on CPU); "
+            "the fused kernels read the standard layout: call bnb_layout.restore_standard_layout(weight) first, or "
+            "use the 'grouped_mm_chunked' experts, which read both"
         )
     if tuple(state.shape) != (rows, cols) or cols % 2:
         raise ValueError(f"4-bit expert weight holds shape {tuple(state.shape)}, expected {(rows, cols)} (even cols)")
@@ -697,7 +700,7 @@ def fused_moe_experts_forward(
         and getattr(self, "is_concatenated", True)
     )
     weights_ok = all(
-        _is_params4bit(w) or w.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        (_is_params4bit(w) and not is_cpu_packed(w)) or w.dtype in (torch.float16, torch.bfloat16, torch.float32)
         for w in (gate_up_weight, down_weight)
     )
     on_device = hidden_states.is_cuda or _interpreting()

@@ -32,6 +32,13 @@ from transformers.utils import ModelOutput, can_return_tuple
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
+from .bnb_layout import (
+    dequantize_4bit_rows,
+    linears_4bit_cannot_take,
+    restore_before_saving,
+    use_portable_4bit_path,
+    wants_4bit,
+)
 from .checkpoint_conversion import register_expert_conversion
 from .configuration_llada_moe import LLaDAMoEConfig
 from .generation_utils import DiffusionGenerationMixin
@@ -227,8 +234,9 @@ def dequantize_rows(linear: nn.Module, start: int, end: int, dtype: torch.dtype)
     """Rows [start, end) of an expert container's weight as a dense `dtype` tensor.
 
     The one place a quantized container is read: a plain `nn.Linear` gives a view (a cast only if `dtype` differs),
-    a bitsandbytes 4-bit weight dequantizes only the packed bytes and absmax blocks of those rows, an 8-bit weight
-    only those rows of int8 values times their scales. Expert-sized row ranges never straddle a quantization block.
+    a bitsandbytes 4-bit weight dequantizes only the packed bytes and absmax blocks of those rows (`bnb_layout`), an
+    8-bit weight only those rows of int8 values times their scales. Expert-sized row ranges never straddle a
+    quantization block.
     """
     if hasattr(linear, "base_layer"):
         # PEFT wrapped the container: the experts read its weight directly, so the adapter would be skipped.
@@ -238,27 +246,8 @@ def dequantize_rows(linear: nn.Module, start: int, end: int, dtype: torch.dtype)
             "quantization.qlora_target_modules)."
         )
     weight = linear.weight
-    quant_state = getattr(weight, "quant_state", None)
-    if quant_state is not None:  # bitsandbytes 4-bit (NF4 / FP4), optionally with double-quantized absmax
-        import bitsandbytes.functional as bnb_functional
-
-        cols, blocksize = quant_state.shape[1], quant_state.blocksize
-        first, last = start * cols, end * cols
-        absmax = quant_state.absmax
-        if quant_state.nested:
-            absmax = bnb_functional.dequantize_blockwise(absmax, quant_state.state2) + quant_state.offset
-        if first % blocksize or last % blocksize:
-            raise ValueError(f"rows [{start}, {end}) of a {tuple(quant_state.shape)} weight split a 4-bit block")
-        rows_state = bnb_functional.QuantState(
-            absmax=absmax[first // blocksize : last // blocksize].float(),
-            shape=torch.Size([end - start, cols]),
-            code=quant_state.code,
-            blocksize=blocksize,
-            quant_type=quant_state.quant_type,
-            dtype=dtype,
-        )
-        packed = weight.data.reshape(-1)[first // 2 : last // 2].reshape(-1, 1)
-        return bnb_functional.dequantize_4bit(packed, rows_state).to(dtype)
+    if getattr(weight, "quant_state", None) is not None:  # bitsandbytes 4-bit (NF4 / FP4), any layout
+        return dequantize_4bit_rows(weight, start, end, dtype)
     if weight.dtype == torch.int8:  # bitsandbytes LLM.int8: row-wise absmax scales SCB
         scales = getattr(weight, "SCB", None)
         if scales is None:
@@ -548,6 +537,16 @@ class LLaDAMoEPreTrainedModel(PreTrainedModel):
     def _can_set_experts_implementation(cls) -> bool:
         # transformers looks for the decorator in the source file of the model class; say it directly instead.
         return True
+
+    def post_init(self) -> None:
+        super().post_init()
+        # bitsandbytes 4-bit on CPU depends on the host unless kept on its standard layout (see bnb_layout).
+        self.register_forward_pre_hook(use_portable_4bit_path)
+        self.register_state_dict_pre_hook(restore_before_saving)
+        if wants_4bit(self.config) and self.base_model is self:
+            # The trunk lists them relative to itself; transformers gathers children's lists into the LM's, and its
+            # bitsandbytes quantizer skips every module those lists name.
+            self._keep_in_fp32_modules.update(linears_4bit_cannot_take(self))
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from modeling_llada_moe import LLaDAMoEConfig
+from modeling_llada_moe.bnb_layout import BNB_4BIT_BLOCKSIZE
 
 
 COMPONENTS = (
@@ -115,8 +116,9 @@ def estimate_memory(
     """Bytes of a LLaDA-MoE loaded with `quantization.load_quantized(bits=...)` (or unquantized, `bits=None`) in
     `dtype`, computed from the config alone: it matches `memory_report` of such a model exactly.
 
-    Quantized: attention projections, experts, dense and shared MLPs. Kept in `dtype`: embeddings, `lm_head`, norms,
-    biases. fp32: router and expert bias (and everything else when `dtype` is fp32), RoPE buffers.
+    Quantized: attention projections, experts, dense and shared MLPs (4-bit: those whose input width is a whole
+    number of 64-value blocks; experts always). Kept in `dtype`: embeddings, `lm_head`, norms, biases. fp32: router
+    and expert bias (and everything else when `dtype` is fp32), RoPE buffers.
     """
     if bits not in (None, 4, 8):
         raise ValueError(f"bits={bits!r}: expected None (unquantized), 4 or 8")
@@ -125,6 +127,8 @@ def estimate_memory(
     parts = report.components
 
     def linear(component: str, out_features: int, in_features: int, quantize: bool = True, bias: bool = False):
+        if bits == 4 and component != "experts" and in_features % BNB_4BIT_BLOCKSIZE:
+            quantize = False  # rows that are not whole 4-bit blocks stay unquantized (bnb_layout)
         weight, state = _quantized_linear_bytes(out_features, in_features, bits if quantize else None, width, dq)
         parts[component] += weight + (out_features * width if bias else 0)
         parts["quantization_state"] += state

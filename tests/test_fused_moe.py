@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from bnb_reference import reference_dequantize_4bit
 from conftest import tiny_model
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_experts_forward
 
@@ -177,7 +178,7 @@ def quantize_container(weight: torch.Tensor, compress_statistics: bool, quant_ty
         bnb_quantized=True,
         module=linear,
     )
-    return linear, bnb.functional.dequantize_4bit(packed, state)
+    return linear, reference_dequantize_4bit(linear.weight).to(weight.dtype)
 
 
 @torch.no_grad()
@@ -272,6 +273,24 @@ def test_without_a_kernel_device_falls_back_to_grouped_mm(monkeypatch):
     experts.gate_up, gate_up_dq = quantize_container(experts.gate_up.weight.data, True)
     experts.down, down_dq = quantize_container(experts.down.weight.data, True)
     out = fm.fused_moe_experts_forward(experts, hidden, index, weights)  # grouped_mm(_chunked) over dequantized
+    check(out, reference_moe(hidden, index, weights, gate_up_dq, down_dq), torch.float32)
+
+
+@torch.no_grad()
+def test_cpu_layout_container_falls_back_to_chunked_grouped_mm():
+    # bitsandbytes' AVX512-BF16 CPU layout (what its Linear4bit forward writes on such hosts), made here on any host.
+    bnb = pytest.importorskip("bitsandbytes")
+    model = tiny_model(seed=0)
+    experts, hidden, index, weights = routed_inputs(model, 12)
+    experts.gate_up, gate_up_dq = quantize_container(experts.gate_up.weight.data, False)
+    experts.down, down_dq = quantize_container(experts.down.weight.data, False)
+    weight = experts.gate_up.weight
+    # The CPU layout keeps absmax in bf16: the values the container holds from then on.
+    gate_up_dq = reference_dequantize_4bit(weight, absmax_dtype=torch.bfloat16)
+    weight.data, weight.quant_state = bnb.functional._convert_weight_packed_for_cpu(weight.data, weight.quant_state)
+    with pytest.raises(ValueError, match="AVX512-BF16 CPU layout"):
+        fm._describe_weight(weight, 2 * I * E, H)
+    out = fm.fused_moe_experts_forward(experts, hidden, index, weights)  # read through grouped_mm_chunked
     check(out, reference_moe(hidden, index, weights, gate_up_dq, down_dq), torch.float32)
 
 

@@ -29,6 +29,7 @@ function is called.
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 
@@ -678,8 +679,14 @@ def fused_moe_experts_forward(
     non-CUDA device outside the Triton interpreter) runs through grouped_mm instead (`grouped_mm_chunked` for
     quantized containers when registered).
 
+    The kernels cannot break decoding: the first call of each shape class (device, dtypes, weight formats, sizes,
+    tile bucket) in a process also runs grouped_mm and compares; a Triton compile/launch error or a mismatch logs one
+    warning and keeps that class on grouped_mm. `LLADA_MOE_FUSED=on` skips the check, `=off` never runs the kernels
+    (`model.set_experts_implementation("grouped_mm_chunked")` does that per model).
+
     Raises:
         ImportError: Triton is not installed.
+        ValueError: `LLADA_MOE_FUSED` holds something other than check / on / off.
     """
     _require_triton()
     gate_up_weight, down_weight = self.gate_up.weight, self.down.weight
@@ -711,13 +718,77 @@ def fused_moe_experts_forward(
         )
         return _fallback(self, hidden_states, top_k_index, top_k_weights)
 
-    return fused_moe(
-        hidden_states,
-        top_k_index,
-        top_k_weights,
-        gate_up_weight,
-        down_weight,
-        self.num_experts,
-        self.intermediate_dim,
-        expert_parallel=getattr(self, "_is_expert_parallel", False),
+    mode = fused_mode()
+    if mode == "off":
+        return _fallback(self, hidden_states, top_k_index, top_k_weights)
+    expert_parallel = getattr(self, "_is_expert_parallel", False)
+    args = (hidden_states, top_k_index, top_k_weights, gate_up_weight, down_weight, self.num_experts)
+    key = _shape_class(hidden_states, top_k_index, gate_up_weight, down_weight, self.num_experts,
+                       self.intermediate_dim, expert_parallel)
+    verdict = _CHECKED.get(key)
+    if mode == "on" or verdict is True:
+        return fused_moe(*args, self.intermediate_dim, expert_parallel=expert_parallel)
+    expected = _fallback(self, hidden_states, top_k_index, top_k_weights)
+    if verdict is False:
+        return expected
+    # First call of this shape class in this process: the kernels must run and agree with grouped_mm, else the
+    # class stays on grouped_mm (a Triton compile or launch failure on the user's GPU must not break decoding).
+    try:
+        out = fused_moe(*args, self.intermediate_dim, expert_parallel=expert_parallel)
+        error = (out.float() - expected.float()).abs().max().item() if out.numel() else 0.0
+        scale = expected.float().abs().max().item() if out.numel() else 0.0
+        agrees = out.shape == expected.shape and error <= _CHECK_TOLERANCE[out.dtype] * max(scale, 1e-6)
+        reason = f"max abs difference {error:.3g} against grouped_mm (output max {scale:.3g})"
+    except Exception as failure:  # noqa: BLE001 (any Triton/CUDA failure means: use grouped_mm)
+        agrees, reason = False, f"{type(failure).__name__}: {failure}"
+    _CHECKED[key] = agrees
+    if not agrees:
+        logger.warning(
+            f"'llada_fused' experts: the Triton kernels failed their check for {key} ({reason}); this shape class "
+            f"runs grouped_mm from now on. Set {FUSED_ENV}=off to skip the kernels, or report this with your GPU."
+        )
+        return expected
+    return out
+
+
+FUSED_ENV = "LLADA_MOE_FUSED"
+FUSED_MODES = ("check", "on", "off")
+# Gross-failure bounds (max abs difference / max |grouped_mm output|): the kernels accumulate in fp32 like grouped_mm.
+_CHECK_TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+_CHECKED: dict[tuple, bool] = {}  # shape class -> the kernels agreed with grouped_mm on its first call
+
+
+def fused_mode() -> str:
+    """`LLADA_MOE_FUSED`: "check" (default: each shape class is checked once per process against grouped_mm and
+    falls back to it on any failure), "on" (run the kernels unchecked) or "off" (always grouped_mm)."""
+    mode = os.environ.get(FUSED_ENV, "check").strip().lower() or "check"
+    if mode not in FUSED_MODES:
+        raise ValueError(f"{FUSED_ENV}={mode!r}: expected one of {FUSED_MODES}")
+    return mode
+
+
+def _shape_class(hidden_states, top_k_index, gate_up_weight, down_weight, num_experts, intermediate_dim,
+                 expert_parallel) -> tuple:
+    """What selects a compiled kernel variant: device, dtypes, weight formats, sizes and the tile bucket."""
+
+    def weight_format(weight):
+        if _is_params4bit(weight):
+            state = weight.quant_state
+            return ("4bit", state.quant_type, bool(state.nested), int(state.blocksize))
+        return str(weight.dtype)
+
+    is_4bit = _is_params4bit(gate_up_weight) or _is_params4bit(down_weight)
+    top_k = top_k_index.shape[-1]
+    slots = min(top_k_index.shape[0], max(1, MAX_SLOTS_PER_CHUNK // max(top_k, 1))) * top_k
+    return (
+        str(hidden_states.device),
+        str(hidden_states.dtype),
+        weight_format(gate_up_weight),
+        weight_format(down_weight),
+        num_experts,
+        intermediate_dim,
+        hidden_states.shape[-1],
+        top_k,
+        select_config(slots, num_experts, is_4bit),
+        expert_parallel,
     )

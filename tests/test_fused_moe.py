@@ -347,3 +347,75 @@ def test_cuda_bf16_nf4_matches_dequantized_reference(compress_statistics):
     weights = weights.to(DEVICE, torch.bfloat16)
     out = fm.fused_moe(x, index, weights, gate_up_q.weight, down_q.weight, E, I)
     check(out[:64], reference_moe(x[:64], index[:64], weights[:64], gate_up_dq, down_dq), torch.bfloat16)
+
+
+@pytest.fixture
+def fresh_checks(monkeypatch):
+    """Each test starts with no shape class checked yet, and counts the calls that reach the kernels."""
+    monkeypatch.setattr(fm, "_CHECKED", {})
+    monkeypatch.delenv(fm.FUSED_ENV, raising=False)
+    calls = []
+    kernels = fm.fused_moe
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape[0])
+        return kernels(*args, **kwargs)
+
+    monkeypatch.setattr(fm, "fused_moe", counted)
+    return calls
+
+
+@torch.no_grad()
+def test_each_shape_class_is_checked_once_then_trusted(fresh_checks, monkeypatch):
+    model = tiny_model(seed=0).to(DEVICE)
+    experts, hidden, index, weights = routed_inputs(model, 9)
+    fallbacks = []
+    fallback = fm._fallback
+    monkeypatch.setattr(fm, "_fallback", lambda *args: fallbacks.append(1) or fallback(*args))
+    first = fm.fused_moe_experts_forward(experts, hidden, index, weights)
+    again = fm.fused_moe_experts_forward(experts, hidden, index, weights)
+    assert fresh_checks == [9, 9] and len(fallbacks) == 1  # grouped_mm ran once, for the check
+    assert list(fm._CHECKED.values()) == [True]
+    torch.testing.assert_close(first, again)
+    check(first, reference_moe(hidden, index, weights, experts.gate_up.weight, experts.down.weight), torch.float32)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("failure", ["compile_error", "wrong_numbers"])
+def test_a_failing_kernel_falls_back_to_grouped_mm_with_one_warning(fresh_checks, monkeypatch, failure):
+    from transformers.testing_utils import CaptureLogger
+
+    def broken(*args, **kwargs):
+        fresh_checks.append("broken")
+        if failure == "compile_error":
+            raise RuntimeError("triton.compiler.errors.CompilationError: at 12:8: unsupported on this GPU")
+        return torch.full((args[0].shape[0], H), 7.0, dtype=args[0].dtype, device=args[0].device)
+
+    monkeypatch.setattr(fm, "fused_moe", broken)
+    model = tiny_model(seed=0).to(DEVICE)
+    experts, hidden, index, weights = routed_inputs(model, 7)
+    expected = grouped_mm_experts_forward(experts, hidden, index, weights)
+    with CaptureLogger(fm.logger) as captured:
+        out = fm.fused_moe_experts_forward(experts, hidden, index, weights)
+        again = fm.fused_moe_experts_forward(experts, hidden, index, weights)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(again, expected)
+    assert fresh_checks == ["broken"]  # the failed class never reaches the kernels again
+    assert captured.out.count("failed their check") == 1
+    assert ("CompilationError" if failure == "compile_error" else "max abs difference") in captured.out
+
+
+@torch.no_grad()
+def test_environment_forces_either_path(fresh_checks, monkeypatch):
+    model = tiny_model(seed=0).to(DEVICE)
+    experts, hidden, index, weights = routed_inputs(model, 5)
+    monkeypatch.setenv(fm.FUSED_ENV, "off")
+    off = fm.fused_moe_experts_forward(experts, hidden, index, weights)
+    assert fresh_checks == [] and fm._CHECKED == {}
+    torch.testing.assert_close(off, grouped_mm_experts_forward(experts, hidden, index, weights))
+    monkeypatch.setenv(fm.FUSED_ENV, "on")
+    fm.fused_moe_experts_forward(experts, hidden, index, weights)
+    assert fresh_checks == [5] and fm._CHECKED == {}  # run unchecked
+    monkeypatch.setenv(fm.FUSED_ENV, "fast")
+    with pytest.raises(ValueError, match="LLADA_MOE_FUSED='fast'.*check"):
+        fm.fused_moe_experts_forward(experts, hidden, index, weights)

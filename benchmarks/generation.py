@@ -49,8 +49,8 @@ def cpu_setup(args):
     modes = {
         "reference (1 token/step)": dict(base),
         "threshold 0.9": dict(base, threshold=0.9),
-        "prefix cache + threshold 0.9": dict(base, threshold=0.9, use_cache="prefix"),
-        "dual cache + threshold 0.9": dict(base, threshold=0.9, use_cache="dual"),
+        "prefix cache + threshold 0.9": dict(base, threshold=0.9, cache_implementation="prefix"),
+        "dual cache + threshold 0.9": dict(base, threshold=0.9, cache_implementation="dual"),
     }
     if args.sweep:  # the speed/quality knobs one at a time (the README's generation-strategies table)
         modes.update(
@@ -81,8 +81,8 @@ def gpu_setup(args):
     modes = {
         "reference (1 token/step)": dict(base, steps=new),
         f"{k} tokens/step": dict(base, steps=new // k),
-        f"prefix cache + {k} tokens/step": dict(base, steps=new // k, use_cache="prefix"),
-        f"dual cache + {k} tokens/step": dict(base, steps=new // k, use_cache="dual"),
+        f"prefix cache + {k} tokens/step": dict(base, steps=new // k, cache_implementation="prefix"),
+        f"dual cache + {k} tokens/step": dict(base, steps=new // k, cache_implementation="dual"),
     }
     return model, prompts, None, modes
 

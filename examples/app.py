@@ -5,7 +5,8 @@
     python examples/app.py --tiny                                                   # offline, tiny random model
 
 Each turn goes through the tokenizer's chat template with the whole conversation. `diffusion_generate` runs in a
-worker thread; its `step_callback` hands every intermediate canvas to the page, where masked positions show as `▒▒`,
+worker thread with a transformers streamer (`put_draft` after every denoising step, `put` for each final block), which
+hands every intermediate canvas to the page, where masked positions show as `▒▒`,
 the tokens committed at the latest step are highlighted and the semi-autoregressive blocks are separate rows. The
 answer (cut at the end of turn) replaces the placeholder once the canvas is done. The decoding controls (canvas
 length, block length, steps, Fast-dLLM threshold, KV-cache mode, temperature, remasking) apply per message.
@@ -39,8 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # denoise_viz, beside 
 
 import gradio as gr  # noqa: E402
 from denoise_viz import COMMITTED, MASKED, NEW, STOPPED, Cell, canvas_cells, step_colour, text_colour  # noqa: E402
+from transformers.generation.streamers import BaseStreamer  # noqa: E402
 
-from modeling_llada_moe.generation_utils import CACHE_MODES, REMASKING_STRATEGIES  # noqa: E402
+from modeling_llada_moe.generation_utils import REMASKING_STRATEGIES  # noqa: E402
 from modeling_llada_moe.inference import (  # noqa: E402
     decode_completion,
     encode_prompt,
@@ -68,7 +70,28 @@ CANVAS_CSS = """
 
 
 class GenerationCancelled(Exception):
-    """Raised inside `step_callback` to stop a generation nobody is watching any more."""
+    """Raised inside the streamer to stop a generation nobody is watching any more."""
+
+
+class CanvasStreamer(BaseStreamer):
+    """A transformers streamer that rebuilds the whole [B, P + N] canvas after every denoising step from what
+    `diffusion_generate` streams (the prompt and each final block through `put`, the current block through
+    `put_draft`; blocks not started yet are still all masks) and hands it to `on_canvas`."""
+
+    def __init__(self, canvas_length: int, mask_id: int, on_canvas):
+        self.final: list[torch.Tensor] = []  # the prompt, then each final block
+        self.canvas_length, self.mask_id, self.on_canvas = canvas_length, mask_id, on_canvas
+
+    def put(self, value: torch.Tensor) -> None:
+        self.final.append(value)
+
+    def put_draft(self, value: torch.Tensor) -> None:
+        done = torch.cat([*self.final, value], dim=1)
+        rest = self.canvas_length - done.shape[1]
+        self.on_canvas(torch.cat([done, done.new_full((done.shape[0], rest), self.mask_id)], dim=1))
+
+    def end(self) -> None:
+        pass
 
 
 PROGRESS_PREFIX = "*denoising…"
@@ -81,6 +104,8 @@ def stream_generation(model, input_ids: torch.Tensor, **settings: Any) -> Iterat
     closing the iterator early stops the worker at its next step."""
     events: queue.Queue = queue.Queue()
     stop = threading.Event()
+    mask_id = model.generation_config.mask_token_id
+    mask_id = model.config.mask_token_id if mask_id is None else mask_id
 
     def on_step(canvas: torch.Tensor) -> None:
         if stop.is_set():
@@ -89,9 +114,8 @@ def stream_generation(model, input_ids: torch.Tensor, **settings: Any) -> Iterat
 
     def work() -> None:
         try:
-            output = model.diffusion_generate(
-                input_ids, step_callback=on_step, return_dict_in_generate=True, **settings
-            )
+            streamer = CanvasStreamer(input_ids.shape[1] + settings["max_new_tokens"], mask_id, on_step)
+            output = model.diffusion_generate(input_ids, streamer=streamer, return_dict_in_generate=True, **settings)
             events.put(("done", output))
         except GenerationCancelled:
             pass
@@ -178,7 +202,7 @@ def decoding_settings(
         "block_length": whole("block_length", block_length),
         "steps": whole("steps", steps) or None,
         "threshold": float(threshold) or None,
-        "use_cache": CACHE_MODES[CACHE_CHOICES.index(cache)],
+        "cache_implementation": None if cache == "none" else cache,
         "temperature": float(temperature),
         "remasking": remasking,
     }
@@ -307,6 +331,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("pass exactly one of --model PATH_OR_REPO or --tiny")
     if not 0 < args.port < 65536:
         parser.error(f"--port {args.port}: expected a port number in 1..65535")
+    for flag, value in (("--max-new-tokens", args.max_new_tokens), ("--block-length", args.block_length)):
+        if value is not None and value < 1:  # checked before anything loads; a shorter last block is fine
+            parser.error(f"{flag} {value}: expected a positive integer")
     if args.tiny:
         from benchmarks.tiny_task import save_tiny_folder
 
@@ -315,8 +342,6 @@ def main(argv: list[str] | None = None) -> None:
         source, new_tokens, block = args.model, 128, 32
     new_tokens = args.max_new_tokens or new_tokens
     block = args.block_length or block
-    if new_tokens < 1 or block < 1 or new_tokens % block:
-        parser.error(f"--block-length {block} must be a positive divisor of --max-new-tokens {new_tokens}")
     try:
         model, tokenizer = load_model_and_tokenizer(source, bits=args.bits, device=args.device)
         demo = build_demo(model, tokenizer, max_new_tokens=new_tokens, block_length=block)

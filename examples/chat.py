@@ -31,7 +31,7 @@ def main() -> None:
     parser.add_argument("--bits", type=int, choices=[4, 8], help="load 4-bit (NF4) or 8-bit with bitsandbytes")
     parser.add_argument("--system", help="system prompt")
     parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--block-length", type=int, default=32, help="semi-autoregressive block; divides the above")
+    parser.add_argument("--block-length", type=int, default=32, help="block size (a remainder: shorter last block)")
     args = parser.parse_args()
 
     model_path = save_tiny_folder(tempfile.mkdtemp(prefix="llada_moe_tiny_")) if args.tiny else args.model
@@ -40,7 +40,7 @@ def main() -> None:
         max_new_tokens=args.max_new_tokens,
         block_length=args.block_length,
         threshold=0.9,  # parallel decoding + dual KV cache: several tokens per forward pass
-        use_cache="dual",
+        cache_implementation="dual",
         stop_at_eos=True,
         stop_strings=[END_OF_TURN],  # the assistant's turn ends with <|role_end|>
         tokenizer=tokenizer,

@@ -28,7 +28,11 @@ from PIL import Image, ImageDraw, ImageFont
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's benchmarks/ (tiny model)
 
-from modeling_llada_moe.generation_utils import REMASKING_STRATEGIES, DiffusionGenerateOutput  # noqa: E402
+from modeling_llada_moe.generation_utils import (  # noqa: E402
+    REMASKING_STRATEGIES,
+    DiffusionGenerateOutput,
+    split_blocks,
+)
 
 
 MASKED, COMMITTED, NEW, STOPPED = "masked", "committed", "new", "stopped"
@@ -119,17 +123,18 @@ def fit_text(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
 
 def grid_positions(length: int, block_length: int, columns: int) -> tuple[list[tuple[int, int]], list[int], int]:
     """Top-left corners of `length` cells laid out block by block (each block starts a new band of rows of at most
-    `columns` cells), the y of each block band, and the grid height; x counts from the block-label margin."""
-    if block_length < 1 or length % block_length:
-        raise ValueError(f"block_length={block_length} must be a positive divisor of the canvas length {length}")
+    `columns` cells; a remainder is a shorter last block, as `diffusion_generate` decodes it), the y of each block
+    band, and the grid height; x counts from the block-label margin."""
+    if block_length < 1 or length < 1:
+        raise ValueError(f"block_length={block_length}, canvas length {length}: expected positive integers")
     if columns < 1:
         raise ValueError(f"columns={columns}: expected a positive integer")
     rows_per_block = -(-block_length // columns)
     band = rows_per_block * CELL_H + BLOCK_GAP
     positions, bands = [], []
-    for block in range(length // block_length):
+    for block, size in enumerate(split_blocks(length, block_length)):
         bands.append(block * band)
-        for i in range(block_length):
+        for i in range(size):
             positions.append(((i % columns) * CELL_W, block * band + (i // columns) * CELL_H))
     return positions, bands, len(bands) * band - BLOCK_GAP
 
@@ -304,7 +309,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--block-length", type=int, default=None, help="block size (default 32; tiny: 8)")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: one token per step)")
     parser.add_argument("--threshold", type=float, default=None, help="Fast-dLLM parallel-decoding threshold")
-    parser.add_argument("--use-cache", choices=["none", "prefix", "dual"], default="none")
+    parser.add_argument(
+        "--use-cache", choices=["none", "prefix", "dual"], default="none", help="cache_implementation (none = exact)"
+    )
     parser.add_argument("--remasking", choices=REMASKING_STRATEGIES, default="low_confidence")
     parser.add_argument("--bits", type=int, choices=[4, 8], default=None, help="load 4- or 8-bit (bitsandbytes)")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when available)")
@@ -342,7 +349,7 @@ def main(argv: list[str] | None = None) -> None:
             block_length=block,
             steps=args.steps,
             threshold=args.threshold,
-            use_cache=None if args.use_cache == "none" else args.use_cache,
+            cache_implementation=None if args.use_cache == "none" else args.use_cache,
             remasking=args.remasking,
             return_dict_in_generate=True,
             output_history=args.gif is not None,

@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--bits", type=int, choices=[4, 8], help="load 4-bit (NF4) or 8-bit with bitsandbytes")
     parser.add_argument("--prompt", default="What is a masked diffusion language model?")
     parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--block-length", type=int, default=32, help="semi-autoregressive block; divides the above")
+    parser.add_argument("--block-length", type=int, default=32, help="block size (a remainder: shorter last block)")
     args = parser.parse_args()
 
     model_path = save_tiny_folder(tempfile.mkdtemp(prefix="llada_moe_tiny_")) if args.tiny else args.model
@@ -46,7 +46,7 @@ def main() -> None:
         max_new_tokens=args.max_new_tokens,
         block_length=args.block_length,  # decoded block by block, left to right; each block is final once decoded
         threshold=0.9,  # Fast-dLLM: every step commits all tokens at >= 0.9 confidence (the best always)
-        use_cache="dual",  # approximate K/V cache of the prefix and suffix, refreshed at each block start
+        cache_implementation="dual",  # approximate K/V cache of the prefix and suffix, refreshed at each block start
         stop_at_eos=True,  # stop after the block that holds EOS, or the end of the assistant turn:
         stop_strings=[END_OF_TURN],
         tokenizer=tokenizer,  # (stop_strings are matched on decoded text)

@@ -92,7 +92,7 @@ def main() -> None:
         max_new_tokens=new_tokens,
         block_length=block,
         threshold=0.9,
-        use_cache="dual",
+        cache_implementation="dual",
         return_dict_in_generate=True,
     )
     generated = out.sequences[0, input_ids.shape[1] :]

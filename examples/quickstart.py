@@ -40,7 +40,7 @@ CHAT_QUESTIONS = [
 ]
 DECODERS = {
     "reference sampler (1 token/step)": dict(),
-    "threshold 0.9 + dual cache": dict(threshold=0.9, use_cache="dual"),
+    "threshold 0.9 + dual cache": dict(threshold=0.9, cache_implementation="dual"),
 }
 
 
@@ -122,7 +122,9 @@ def run_tiny(out: Path, epochs: int, examples: int) -> None:
     print(f'example: "{held_out[0]["prompt"]}" -> expected "{answers[0]}"')
     rows = evaluate(model, tokenizer, prompts, answers, max_new_tokens=8, block_length=4)
     print_table(rows)
-    out_ids = model.diffusion_generate(prompts[0], max_new_tokens=8, block_length=4, threshold=0.9, use_cache="dual")
+    out_ids = model.diffusion_generate(
+        prompts[0], max_new_tokens=8, block_length=4, threshold=0.9, cache_implementation="dual"
+    )
     answer = decode_completion(tokenizer, out_ids[0, prompts[0].shape[1] :])
     print(f'\nthreshold + dual cache on the example: "{answer}"')
 

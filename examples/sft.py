@@ -12,7 +12,10 @@
 
 Every `DiffusionSFTConfig` field (TRL's SFTConfig plus `loss_normalization`, `random_length_prob`,
 `load_balance_coef`, ...) and TRL's `ModelConfig` flags (`--use_peft`, `--lora_r`, `--load_in_4bit`, ...) are
-command-line options.
+command-line options. As in TRL's scripts: `--resume_from_checkpoint PATH`, `--model_revision`,
+`--attn_implementation`, `--eval_strategy steps` evaluates on `--dataset_test_split` (default "test"; the --tiny demo
+has its own held-out rows), and `--push_to_hub` pushes the model when training is done (checked before training: a
+token, not offline, a valid `--hub_model_id`). Flags that cannot apply are refused (exit status 2).
 """
 
 from __future__ import annotations
@@ -31,7 +34,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's bench
 from benchmarks.tiny_task import reversal_examples, tiny_model, tiny_tokenizer  # noqa: E402
 from quantization import qlora_target_modules  # noqa: E402
 from trl_ext import DiffusionSFTConfig, DiffusionSFTTrainer  # noqa: E402
-from trl_ext.scripts import load_script_dataset, load_script_model  # noqa: E402
+from trl_ext.scripts import (  # noqa: E402
+    check_push_to_hub,
+    check_tiny_demo_flags,
+    load_script_dataset,
+    load_script_eval_dataset,
+    load_script_model,
+    load_script_tokenizer,
+    set_attn_implementation,
+)
 
 
 @dataclass
@@ -51,16 +62,26 @@ def exact_match(model, tokenizer, rows) -> float:
 def main() -> None:
     parser = TrlParser((ScriptArguments, DiffusionSFTConfig, ModelConfig, DemoArguments))
     script_args, training_args, model_args, demo_args = parser.parse_args_and_config()
+    try:
+        check_push_to_hub(training_args)
+        if demo_args.tiny:
+            check_tiny_demo_flags(model_args, script_args)
+    except ValueError as error:
+        parser.error(str(error))
     if demo_args.tiny:
         model, tokenizer = tiny_model(seed=0), tiny_tokenizer()
+        set_attn_implementation(model, model_args)
         train = Dataset.from_list(reversal_examples(demo_args.demo_examples, seed=0))
         held_out = reversal_examples(64, seed=999)
+        evaluation = Dataset.from_list(held_out) if training_args.eval_strategy != "no" else None
     else:
         if not model_args.model_name_or_path or not script_args.dataset_name:
             parser.error("pass --model_name_or_path and --dataset_name, or --tiny for the offline demo")
-        from transformers import AutoTokenizer
-
-        model, tokenizer = load_script_model(model_args), AutoTokenizer.from_pretrained(model_args.model_name_or_path)
+        try:
+            model, tokenizer = load_script_model(model_args), load_script_tokenizer(model_args)
+            evaluation = load_script_eval_dataset(script_args, training_args)
+        except ValueError as error:
+            parser.error(str(error))
         train, held_out = load_script_dataset(script_args), None
 
     peft_config = get_peft_config(model_args)
@@ -69,12 +90,23 @@ def main() -> None:
     if held_out is not None and training_args.process_index == 0:
         print(f"exact match before training: {exact_match(model, tokenizer, held_out):.2f}")
     trainer = DiffusionSFTTrainer(
-        model=model, args=training_args, train_dataset=train, processing_class=tokenizer, peft_config=peft_config
+        model=model,
+        args=training_args,
+        train_dataset=train,
+        eval_dataset=evaluation,
+        processing_class=tokenizer,
+        peft_config=peft_config,
     )
     if trainer.accelerator.is_main_process:
         print(f"training on {trainer.accelerator.num_processes} process(es), {trainer.accelerator.device}")
-    trainer.train()
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
+    if evaluation is not None:
+        metrics = trainer.evaluate()
+        if trainer.accelerator.is_main_process:
+            print(f"eval loss: {metrics['eval_loss']:.4f}")
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)
     if held_out is not None and trainer.accelerator.is_main_process:
         print(f"exact match after training: {exact_match(trainer.model, tokenizer, held_out):.2f}")
 

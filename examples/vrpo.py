@@ -11,7 +11,10 @@
     python examples/vrpo.py --tiny --output_dir /tmp/llada-moe-vrpo-demo --use_cpu --bf16 false --report_to none
 
 Every `VRPOConfig` field (TRL's DPOConfig plus `num_mc_samples`, `num_timesteps`, `antithetic`, `elbo_form`, ...) and
-TRL's `ModelConfig` flags are command-line options.
+TRL's `ModelConfig` flags are command-line options. As in TRL's scripts: `--resume_from_checkpoint PATH`,
+`--model_revision`, `--attn_implementation` (policy and reference), `--eval_strategy steps` evaluates on
+`--dataset_test_split` (the --tiny demo has its own held-out pairs), and `--push_to_hub` pushes the model when training
+is done (checked before training). Flags that cannot apply are refused (exit status 2).
 """
 
 from __future__ import annotations
@@ -32,7 +35,15 @@ from benchmarks.tiny_task import tiny_model, tiny_tokenizer  # noqa: E402
 from modeling_llada_moe import LLaDAMoEForMaskedLM  # noqa: E402
 from quantization import qlora_target_modules  # noqa: E402
 from trl_ext import DiffusionSFTConfig, DiffusionSFTTrainer, VRPOConfig, VRPOTrainer  # noqa: E402
-from trl_ext.scripts import load_script_dataset, load_script_model  # noqa: E402
+from trl_ext.scripts import (  # noqa: E402
+    check_push_to_hub,
+    check_tiny_demo_flags,
+    load_script_dataset,
+    load_script_eval_dataset,
+    load_script_model,
+    load_script_tokenizer,
+    set_attn_implementation,
+)
 
 
 @dataclass
@@ -81,23 +92,35 @@ def first_digit_rate(model, pairs) -> float:
 def main() -> None:
     parser = TrlParser((ScriptArguments, VRPOConfig, ModelConfig, DemoArguments))
     script_args, training_args, model_args, demo_args = parser.parse_args_and_config()
+    try:
+        check_push_to_hub(training_args)
+        if demo_args.tiny:
+            check_tiny_demo_flags(model_args, script_args)
+    except ValueError as error:
+        parser.error(str(error))
     ref_model, held_out = None, None
     if demo_args.tiny:
         tokenizer = tiny_tokenizer()
         model = tiny_sft_model(training_args, tokenizer)
         ref_model = LLaDAMoEForMaskedLM(model.config)
         ref_model.load_state_dict(model.state_dict())
+        for module in (model, ref_model):
+            set_attn_implementation(module, model_args)
         train_pairs, held_out = digit_pairs(150, 0), digit_pairs(40, 1)
-        train = Dataset.from_list(
-            [{"prompt": f"t{a} t{b}", "chosen": f" t{a}", "rejected": f" t{b}"} for a, b in train_pairs]
+        train, evaluation = (
+            Dataset.from_list([{"prompt": f"t{a} t{b}", "chosen": f" t{a}", "rejected": f" t{b}"} for a, b in pairs])
+            for pairs in (train_pairs, held_out)
         )
+        evaluation = evaluation if training_args.eval_strategy != "no" else None
     else:
         if not model_args.model_name_or_path or not script_args.dataset_name:
             parser.error("pass --model_name_or_path and --dataset_name, or --tiny for the offline demo")
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
-        model, train = load_script_model(model_args), load_script_dataset(script_args)
+        try:
+            tokenizer, model = load_script_tokenizer(model_args), load_script_model(model_args)
+            evaluation = load_script_eval_dataset(script_args, training_args)
+        except ValueError as error:
+            parser.error(str(error))
+        train = load_script_dataset(script_args)
         if not model_args.use_peft and not training_args.precompute_ref_log_probs:
             ref_model = load_script_model(model_args)  # a separate, frozen copy; never a deepcopy of the policy
 
@@ -111,13 +134,20 @@ def main() -> None:
         ref_model=ref_model,
         args=training_args,
         train_dataset=train,
+        eval_dataset=evaluation,
         processing_class=tokenizer,
         peft_config=peft_config,
     )
     if trainer.accelerator.is_main_process:
         print(f"training on {trainer.accelerator.num_processes} process(es), {trainer.accelerator.device}")
-    trainer.train()
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
+    if evaluation is not None:
+        metrics = trainer.evaluate()
+        if trainer.accelerator.is_main_process:
+            print(f"eval loss: {metrics['eval_loss']:.4f}")
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)
     if held_out is not None and trainer.accelerator.is_main_process:
         print(f"answers the preferred digit after VRPO: {first_digit_rate(trainer.model, held_out):.2f}")
 

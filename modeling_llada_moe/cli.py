@@ -1,6 +1,6 @@
 """The `llada-moe` command line: `generate`, `chat`, `convert` and `bench`.
 
-    llada-moe generate "Why is the sky blue?" --threshold 0.9 --use-cache dual
+    llada-moe generate "Why is the sky blue?" --threshold 0.9 --cache dual
     llada-moe chat --bits 4
     llada-moe convert path/to/official-checkpoint out/llada-moe-nf4 --bits 4 --push-to-hub you/LLaDA-MoE-nf4
     llada-moe bench generation -- --repeats 3
@@ -105,13 +105,13 @@ def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
         "--steps",
         type=positive_int,
         metavar="N",
-        help="denoising steps in all, a multiple of the number of blocks (default: max-new-tokens, one token per step)",
+        help="denoising steps in all, split over the blocks by length (default: max-new-tokens, one token per step)",
     )
     group.add_argument(
         "--block-length",
         type=positive_int,
         metavar="N",
-        help="semi-autoregressive block size; divides --max-new-tokens (default 32)",
+        help="semi-autoregressive block size; a remainder makes a shorter last block (default 32)",
     )
     group.add_argument("--temperature", type=non_negative_float, metavar="T", help="0 = greedy (default)")
     group.add_argument("--top-k", type=positive_int, metavar="K", help="sampling filter (needs --temperature > 0)")
@@ -128,7 +128,11 @@ def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
         "--factor", type=positive_float, metavar="F", help="Fast-dLLM factor rule (exclusive with --threshold)"
     )
     group.add_argument(
-        "--use-cache", choices=("none", "prefix", "dual"), help="approximate KV cache refreshed at each block start"
+        "--cache",
+        "--use-cache",  # the old name of the flag
+        dest="cache",
+        choices=("none", "prefix", "dual"),
+        help="approximate KV cache refreshed at each block start (cache_implementation; default none, exact)",
     )
     group.add_argument(
         "--stop-at-eos",
@@ -150,8 +154,9 @@ def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
 def decoding_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The `DiffusionGenerationConfig` fields the parsed decoding flags set; flags left out are not in the dict."""
     kwargs = {name: getattr(args, name) for name in PLAIN_DECODING_FIELDS if getattr(args, name) is not None}
-    if args.use_cache is not None:
-        kwargs["use_cache"] = None if args.use_cache == "none" else args.use_cache
+    if args.cache is not None:
+        kwargs["cache_implementation"] = None if args.cache == "none" else args.cache
+        kwargs["use_cache"] = args.cache != "none"
     kwargs["stop_at_eos"] = args.stop_at_eos
     if args.stop_strings:
         kwargs["stop_strings"] = list(args.stop_strings)
@@ -163,7 +168,7 @@ def generation_config(
 ) -> DiffusionGenerationConfig:
     """The model's generation config with the flags applied and `<|role_end|>` as a stop string, validated.
 
-    Raises `ValueError` naming the flag (e.g. `--block-length=5 ... it must divide max_new_tokens=16`)."""
+    Raises `ValueError` naming the flag (e.g. `--steps=1 ... at least the number of blocks (2)`)."""
     kwargs = decoding_kwargs(args)
     stops = kwargs.get("stop_strings", model.generation_config.stop_strings) or []
     stops = [stops] if isinstance(stops, str) else list(stops)
@@ -174,7 +179,8 @@ def generation_config(
         # The same copy-override-validate `diffusion_generate` applies to its keyword arguments.
         return model._resolve_generation_config(None, kwargs)
     except ValueError as err:
-        flags = {name: "--" + name.replace("_", "-") for name in (*PLAIN_DECODING_FIELDS, "use_cache")}
+        flags = {name: "--" + name.replace("_", "-") for name in PLAIN_DECODING_FIELDS}
+        flags.update(use_cache="--cache", cache_implementation="--cache")
         message = re.sub(r"`(\w+)`", lambda m: flags.get(m.group(1), m.group(0)), str(err))
         raise ValueError(message.replace("DiffusionGenerationConfig: ", "decoding flags: ")) from err
 
@@ -484,8 +490,6 @@ def run_convert(args: argparse.Namespace) -> int:
                 expected = model(input_ids).logits
     if model.generation_config.mask_token_id is None:
         model.generation_config.mask_token_id = model.config.mask_token_id
-    # A quantized model is saved before any forward: bitsandbytes' CPU 4-bit layers repack their weights on the
-    # first forward (bitsandbytes#2078), and saving afterwards would write changed weights.
     model.save_pretrained(destination, **({"max_shard_size": args.max_shard_size} if args.max_shard_size else {}))
     if tokenizer is not None:
         tokenizer.save_pretrained(destination)
@@ -564,7 +568,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Answer one prompt with diffusion_generate, printing each block as soon as it is final.",
         epilog=(
             "examples:\n"
-            '  llada-moe generate "Explain diffusion language models." --threshold 0.9 --use-cache dual\n'
+            '  llada-moe generate "Explain diffusion language models." --threshold 0.9 --cache dual\n'
             "  llada-moe generate --messages chat.json --bits 4 --json\n"
             '  echo "t1 t2" | llada-moe generate --model ./tiny --no-chat-template'
         ),
@@ -595,7 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
         "  /reset         clear the conversation\n"
         "  /system TEXT   set the system prompt (/system alone drops it)\n"
         "  /exit          quit (so does EOF, Ctrl-D)",
-        epilog='example:\n  printf "Hi!\\nAnd in French?\\n" | llada-moe chat --threshold 0.9 --use-cache dual',
+        epilog='example:\n  printf "Hi!\\nAnd in French?\\n" | llada-moe chat --threshold 0.9 --cache dual',
     )
     chat.add_argument("--system", metavar="TEXT", help="system prompt (change it with /system TEXT)")
     chat.add_argument("--no-stream", action="store_true", help="print each answer once it is complete")

@@ -15,6 +15,9 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 ROUTER_SCORE_FUNCTIONS = ("softmax", "sigmoid")
 # `model_type` of the official config.json (shared with dense LLaDA-8B).
 OFFICIAL_MODEL_TYPE = "llada"
+# Saved `architectures` use the official class names (tools such as GGUF converters key on them); the masked-LM class
+# is `LLaDAMoEForMaskedLM` here, with `LLaDAMoEModelLM` as its alias, so either name loads the same class.
+OFFICIAL_ARCHITECTURES = {"LLaDAMoEForMaskedLM": "LLaDAMoEModelLM"}
 
 
 class LLaDAMoEConfig(PreTrainedConfig):
@@ -137,6 +140,13 @@ class LLaDAMoEConfig(PreTrainedConfig):
             config_dict = {key: value for key, value in config_dict.items() if key != "auto_map"}
             config_dict["model_type"] = cls.model_type
         return config_dict, kwargs
+
+    def to_dict(self) -> dict[str, Any]:
+        """The serialized config (what `config.json` holds), with `architectures` under the official class names."""
+        output = super().to_dict()
+        if output.get("architectures"):
+            output["architectures"] = [OFFICIAL_ARCHITECTURES.get(name, name) for name in output["architectures"]]
+        return output
 
     @property
     def head_dim(self) -> int:

@@ -49,6 +49,7 @@ MC_BATCH_SIZE = 32  # LLaDA's lm-eval batch of masked copies
 GEN_KWARGS = frozenset(
     {"until", "max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens", "do_sample", "temperature"}
     | {"top_k", "top_p", "steps", "block_length", "remasking", "threshold", "factor", "cfg_scale", "use_cache"}
+    | {"cache_implementation"}
 )
 
 
@@ -75,6 +76,24 @@ def set_canvas(config: DiffusionGenerationConfig, max_gen_toks: int) -> None:
     """Canvas for `max_gen_toks` tokens: whole blocks of `block_length` (one block when shorter than that)."""
     config.block_length = min(positive_int(config.block_length, "block_length"), max_gen_toks)
     config.max_new_tokens = math.ceil(max_gen_toks / config.block_length) * config.block_length
+
+
+def set_cache(config: DiffusionGenerationConfig, settings: dict) -> None:
+    """Apply the `use_cache` / `cache_implementation` of model arguments or gen_kwargs (strings from the command
+    line: "none" / "false" turn the cache off; the old `use_cache=prefix|dual` names the kind)."""
+    use_cache, kind = settings.get("use_cache"), settings.get("cache_implementation")
+    if isinstance(use_cache, str) and use_cache.lower() in ("prefix", "dual"):
+        use_cache, kind = True, use_cache.lower()
+    if isinstance(use_cache, str):
+        use_cache = {"none": False, "false": False, "true": True}.get(use_cache.lower(), use_cache)
+    if isinstance(kind, str) and kind.lower() == "none":
+        use_cache, kind = False, None
+    if kind is not None:
+        config.cache_implementation, config.use_cache = kind, True
+    if use_cache is not None:
+        config.use_cache = use_cache
+        if use_cache is False:
+            config.cache_implementation = None
 
 
 def positive_int(value: Any, name: str) -> int:
@@ -112,9 +131,11 @@ class LLaDAMoELM(TemplateLM):
         max_new_tokens (alias gen_length): a fixed generation canvas for every request, like LLaDA's eval; unset,
             each request's `max_gen_toks` (default 256) is the canvas. Either way it is rounded up to whole blocks
             and the output trimmed back.
-        steps, block_length, remasking, threshold, factor, use_cache, temperature, top_k, top_p: the
-            `DiffusionGenerationConfig` settings (unset ones keep the model's `generation_config`). `steps` counts
-            denoising steps for the whole canvas (unset: one token per step); `use_cache=false` means no cache. A
+        steps, block_length, remasking, threshold, factor, cache_implementation, use_cache, temperature, top_k,
+            top_p: the `DiffusionGenerationConfig` settings (unset ones keep the model's `generation_config`).
+            `steps` counts denoising steps for the whole canvas (unset: one token per step);
+            `cache_implementation` is none / prefix / dual, `use_cache=false` means no cache (the old
+            `use_cache=prefix|dual` still works as cache_implementation). A
             request's gen_kwargs override them (`--gen_kwargs steps=64,threshold=0.9`); its `do_sample=false`
             / `temperature` override the model's temperature.
         seed: seeds the masks of each likelihood (from the seed and the request's tokens, so results do not depend
@@ -145,6 +166,7 @@ class LLaDAMoELM(TemplateLM):
         threshold: float | None = None,
         factor: float | None = None,
         use_cache: str | bool | None = None,
+        cache_implementation: str | None = None,
         temperature: float | None = None,
         top_k: int | None = None,
         top_p: float | None = None,
@@ -182,7 +204,7 @@ class LLaDAMoELM(TemplateLM):
             raise ValueError(f"max_length={self.max_length}: expected at least 2 tokens")
         knobs = dict(block_length=block_length, remasking=remasking, threshold=threshold, factor=factor)
         knobs.update(temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale)
-        self.generation_config = self._base_generation_config(knobs, steps, use_cache)
+        self.generation_config = self._base_generation_config(knobs, steps, use_cache, cache_implementation)
         self._warned: set[str] = set()
 
     # ------------------------------------------------------------------------------------------------ set-up
@@ -224,7 +246,7 @@ class LLaDAMoELM(TemplateLM):
             return torch.device("cpu")
         return pick_device(device)
 
-    def _base_generation_config(self, knobs: dict, steps, use_cache) -> DiffusionGenerationConfig:
+    def _base_generation_config(self, knobs: dict, steps, use_cache, cache_implementation) -> DiffusionGenerationConfig:
         """The model's generation config with the given model arguments applied, validated once up front."""
         config = self._model.generation_config
         if not isinstance(config, DiffusionGenerationConfig):
@@ -234,8 +256,7 @@ class LLaDAMoELM(TemplateLM):
             if value is not None:
                 setattr(config, name, value)
         config.steps = steps  # counts steps of the canvas, so a saved value for another canvas length never applies
-        if use_cache is not None:
-            config.use_cache = None if use_cache is False or use_cache == "none" else use_cache
+        set_cache(config, {"use_cache": use_cache, "cache_implementation": cache_implementation})
         config.do_sample = config.stop_strings = None
         config.num_return_sequences, config.return_dict_in_generate, config.output_history = 1, False, False
         trial = copy.deepcopy(config)
@@ -453,8 +474,7 @@ class LLaDAMoELM(TemplateLM):
         for name in ("steps", "block_length", "remasking", "threshold", "factor", "cfg_scale", "top_k", "top_p"):
             if name in kwargs:
                 setattr(config, name, kwargs[name])
-        if "use_cache" in kwargs:
-            config.use_cache = None if kwargs["use_cache"] in (False, "none") else kwargs["use_cache"]
+        set_cache(config, kwargs)
         if config.temperature == 0:
             config.top_k = config.top_p = None
         set_canvas(config, max_gen_toks)

@@ -5,25 +5,32 @@ commits (`transfer_schedule`, `select_by_quota`, `select_by_threshold`, `select_
 position proposes (`propose_tokens`) and how confident it is (`confidence`). With `temperature=0`, no `threshold` /
 `factor` and no cache, the result is token-identical to the LLaDA reference sampler (`generate.py`): same per-block
 step split, confidences in the logits dtype, per-row top-k over the whole row with -inf past the current block.
+
+`generate` takes every calling form of transformers' `GenerationMixin.generate` (so `pipeline("text-generation")`
+works), and follows transformers' diffusion conventions (DiffusionGemma): `logits_processor` acts on every step's
+logits, `stopping_criteria` are checked once a block is final, and a streamer gets `put_draft(block)` after every
+denoising step and `put(block)` once the block is final.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.generation.logits_process import SuppressTokensLogitsProcessor
 from transformers.utils import ModelOutput
 
 from .forward_process import elbo_weighted_nll, mask_target_positions, stratified_mask_counts
 
 
 REMASKING_STRATEGIES = ("low_confidence", "random", "margin", "entropy")
-CACHE_MODES = (None, "prefix", "dual")
+# `cache_implementation` values: the approximate block caches of Fast-dLLM (None = no cache, exact).
+CACHE_IMPLEMENTATIONS = ("prefix", "dual")
 
 # GenerationConfig fields that only mean something for autoregressive decoding, with the values that mean "off".
 AR_ONLY_FIELDS = {
@@ -67,20 +74,45 @@ DIFFUSION_DEFAULTS: dict[str, Any] = {
     "top_p": None,
     "num_return_sequences": 1,
     "return_dict_in_generate": False,
-    "do_sample": None,
 }
+
+
+def split_blocks(max_new_tokens: int, block_length: int) -> list[int]:
+    """Block lengths of a canvas: whole blocks of `block_length`, then a shorter last block for the remainder."""
+    full, rest = divmod(max_new_tokens, block_length)
+    return [block_length] * full + ([rest] if rest else [])
+
+
+def split_steps(total_steps: int, blocks: list[int]) -> list[int]:
+    """Denoising steps per block, in proportion to the block lengths (cumulative rounding, >= 1 each, summing to
+    `total_steps`). With equal blocks and a multiple of their number this is the reference's even split."""
+    canvas, done, end, steps = sum(blocks), 0, 0, []
+    for k, length in enumerate(blocks, start=1):
+        end += length
+        target = (2 * total_steps * end + canvas) // (2 * canvas)  # total_steps * end / canvas, rounded half up
+        target = min(max(target, done + 1), total_steps - (len(blocks) - k))
+        steps.append(target - done)
+        done = target
+    return steps
 
 
 class DiffusionGenerationConfig(GenerationConfig):
     r"""
-    Settings of `diffusion_generate`. Keyword arguments of `diffusion_generate` override them per call.
+    Settings of `diffusion_generate` / `generate`. Keyword arguments of those calls override them per call.
 
     Args:
         max_new_tokens (`int`, defaults to 128): generated canvas length (LLaDA's `gen_length`).
-        steps (`int`, *optional*): total denoising steps, split evenly over the blocks; `None` = `max_new_tokens`
-            (one token per step). Must be a multiple of the number of blocks.
-        block_length (`int`, defaults to 32): semi-autoregressive block size; must divide `max_new_tokens`.
+        max_length (`int`, *optional*): transformers' total length, prompt + canvas: when set (in the call, or in a
+            config whose call sets no `max_new_tokens`) the canvas is `max_length` minus the prompt length. A call
+            giving both `max_length` and `max_new_tokens` must make them agree.
+        steps (`int`, *optional*): total denoising steps; `None` = `max_new_tokens` (one token per step). They are
+            split over the blocks in proportion to the block lengths (at least one step per block), so with equal
+            blocks and a multiple of their number each block gets `steps / num_blocks`, as in LLaDA.
+        block_length (`int`, defaults to 32): semi-autoregressive block size. A canvas that is not a whole number of
+            blocks ends with a shorter block (e.g. `max_new_tokens=40`: blocks of 32 and 8).
         temperature (`float`, defaults to 0.0): 0 is greedy; > 0 samples with float64 Gumbel-max.
+        do_sample (`bool`): transformers' switch, kept in step with `temperature`: unset, it follows it
+            (`temperature > 0`); `do_sample=False` alone means greedy; `do_sample=True` needs `temperature > 0`.
         top_k (`int`, *optional*), top_p (`float`, *optional*): sampling filters, only with `temperature > 0`.
         cfg_scale (`float`, defaults to 0.0): classifier-free guidance, `u + (cfg_scale + 1) * (c - u)` with the
             prompt masked in the unconditional copy.
@@ -92,8 +124,13 @@ class DiffusionGenerationConfig(GenerationConfig):
             filled, whatever `steps` says.
         factor (`float`, *optional*): Fast-dLLM factor rule: commit the longest confidence-sorted prefix with
             c_i >= 1 - factor / (i + 1) (the first always). Exclusive with `threshold`.
-        use_cache (`str`, *optional*): `None` (exact), `"prefix"` (cache K/V before the block) or `"dual"` (cache
-            prefix and suffix, recompute only the block); refreshed by a full forward at every block start.
+        cache_implementation (`str`, *optional*): the approximate KV cache: `"prefix"` (cache K/V before the block)
+            or `"dual"` (cache prefix and suffix, recompute only the block), refreshed by a full forward at every
+            block start. `None` = no cache (exact).
+        use_cache (`bool`, *optional*): transformers' switch: `False` turns the cache off whatever
+            `cache_implementation` says; `True` with no `cache_implementation` means `"prefix"`; unset follows
+            `cache_implementation`. The old `use_cache="prefix" | "dual"` still loads, as `cache_implementation`
+            with a `FutureWarning`.
         mask_token_id (`int`, *optional*): defaults to the model config's `mask_token_id`.
         suppress_tokens (`list[int]`, *optional*): token ids whose logits are set to -inf before sampling.
         confidence_suppress_tokens (`list[int]`, *optional*): token ids (e.g. EOS/EOT) whose probability is removed
@@ -119,6 +156,9 @@ class DiffusionGenerationConfig(GenerationConfig):
         self.output_history = kwargs.pop("output_history", False)
         for key, value in DIFFUSION_DEFAULTS.items():
             kwargs.setdefault(key, value)
+        if kwargs.get("do_sample") is None and isinstance(kwargs["temperature"], (int, float)):
+            # Written out, so that pipelines see greedy decoding as set and add no sampling defaults of their own.
+            kwargs["do_sample"] = kwargs["temperature"] > 0
         super().__init__(**kwargs)
 
     @staticmethod
@@ -144,15 +184,22 @@ class DiffusionGenerationConfig(GenerationConfig):
         def positive_int(value) -> bool:
             return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
+        if isinstance(self.use_cache, str) and self.use_cache in CACHE_IMPLEMENTATIONS:
+            warnings.warn(
+                f"use_cache={self.use_cache!r} is deprecated: use cache_implementation={self.use_cache!r} (use_cache "
+                "is transformers' bool: True = a cache, 'prefix' unless cache_implementation says otherwise)",
+                FutureWarning,
+                stacklevel=3,
+            )
+            self.cache_implementation, self.use_cache = self.use_cache, True
         if not positive_int(self.max_new_tokens):
             fail("max_new_tokens", "expected a positive integer")
+        if self.max_length is not None and not positive_int(self.max_length):
+            fail("max_length", "expected a positive integer (prompt + generated tokens) or None")
         if not positive_int(self.block_length):
             fail("block_length", "expected a positive integer")
-        if self.max_new_tokens % self.block_length:
-            fail("block_length", f"it must divide max_new_tokens={self.max_new_tokens}")
-        num_blocks = self.max_new_tokens // self.block_length
-        if self.steps is not None and (not positive_int(self.steps) or self.steps % num_blocks):
-            fail("steps", f"expected a positive multiple of the number of blocks ({num_blocks})")
+        if self.steps is not None and (not positive_int(self.steps) or self.steps < self.num_blocks):
+            fail("steps", f"expected a positive integer, at least the number of blocks ({self.num_blocks})")
         if self.temperature is None or self.temperature < 0:
             fail("temperature", "expected a float >= 0 (0 = greedy)")
         if self.do_sample is False and self.temperature > 0:
@@ -173,8 +220,11 @@ class DiffusionGenerationConfig(GenerationConfig):
             fail("factor", "expected a positive float")
         if self.threshold is not None and self.factor is not None:
             fail("factor", "threshold and factor are exclusive parallel-decoding rules")
-        if self.use_cache not in CACHE_MODES:
-            fail("use_cache", f"expected one of {CACHE_MODES}")
+        if self.use_cache not in (None, True, False):
+            fail("use_cache", f"expected True, False or None (the cache kind is cache_implementation, one of "
+                 f"{CACHE_IMPLEMENTATIONS})")
+        if self.cache_implementation is not None and self.cache_implementation not in CACHE_IMPLEMENTATIONS:
+            fail("cache_implementation", f"expected None (no cache) or one of {CACHE_IMPLEMENTATIONS}")
         if not positive_int(self.num_return_sequences):
             fail("num_return_sequences", "expected a positive integer")
         if isinstance(self.stop_strings, str):
@@ -186,6 +236,19 @@ class DiffusionGenerationConfig(GenerationConfig):
     @property
     def total_steps(self) -> int:
         return self.steps if self.steps is not None else self.max_new_tokens
+
+    @property
+    def num_blocks(self) -> int:
+        return -(-self.max_new_tokens // self.block_length)
+
+    @property
+    def cache_mode(self) -> str | None:
+        """The cache `diffusion_generate` uses: None, "prefix" or "dual" (from use_cache and cache_implementation)."""
+        if self.use_cache is False:
+            return None
+        if self.cache_implementation is not None:
+            return self.cache_implementation
+        return "prefix" if self.use_cache else None
 
 
 @dataclass
@@ -360,6 +423,26 @@ def select_by_factor(scores: torch.Tensor, candidates: torch.Tensor, factor: flo
     return torch.zeros_like(candidates).scatter(-1, order, keep) & candidates
 
 
+def process_block_logits(
+    processors: LogitsProcessorList, canvas: torch.Tensor, logits: torch.Tensor, lo: int, hi: int
+) -> torch.Tensor:
+    """`logits` [B, W, V] with the columns [lo, hi) (the current block) passed through `processors`, one row per
+    position: `scores` [B * (hi - lo), V], `input_ids` the canvas row of each position [B * (hi - lo), L]."""
+    batch, _, vocab = logits.shape
+    block = logits[:, lo:hi].reshape(-1, vocab)
+    processed = processors(canvas.repeat_interleave(hi - lo, dim=0), block).reshape(batch, hi - lo, vocab)
+    return torch.cat([logits[:, :lo], processed.to(logits.dtype), logits[:, hi:]], dim=1)
+
+
+def as_list_of(value, kind: type, name: str):
+    """`value` (None, or a list of callables) as a transformers `LogitsProcessorList` / `StoppingCriteriaList`."""
+    if value is None:
+        return kind()
+    if not isinstance(value, (list, tuple)) or not all(callable(item) for item in value):
+        raise TypeError(f"diffusion_generate: {name}={value!r}; expected a {kind.__name__} (a list of callables)")
+    return value if isinstance(value, kind) else kind(value)
+
+
 class DiffusionGenerationMixin:
     """Adds `diffusion_generate`, `generate` and `diffusion_loglikelihood` to a masked-diffusion LM."""
 
@@ -384,6 +467,8 @@ class DiffusionGenerationMixin:
         if generation_config is not None:
             self.generation_config = DiffusionGenerationConfig.from_dict(generation_config.to_dict())
             return
+        if pretrained_model_name_or_path is None:  # from_pretrained(None, config=, state_dict=): no folder to read
+            return
         try:
             self.generation_config = DiffusionGenerationConfig.from_pretrained(
                 pretrained_model_name_or_path,
@@ -398,11 +483,62 @@ class DiffusionGenerationMixin:
         except OSError:  # no generation_config.json: keep the one built from the model config
             pass
 
-    def generate(self, inputs: torch.Tensor | None = None, generation_config=None, streamer=None, **kwargs):
-        """`generate` for pipelines and harnesses: the same as `diffusion_generate`."""
-        return self.diffusion_generate(inputs, generation_config=generation_config, streamer=streamer, **kwargs)
+    @torch.no_grad()
+    def generate(
+        self,
+        inputs: torch.Tensor | None = None,
+        generation_config: GenerationConfig | None = None,
+        logits_processor: LogitsProcessorList | None = None,
+        stopping_criteria: StoppingCriteriaList | None = None,
+        prefix_allowed_tokens_fn=None,
+        synced_gpus: bool | None = None,
+        assistant_model=None,
+        streamer=None,
+        negative_prompt_ids: torch.Tensor | None = None,
+        negative_prompt_attention_mask: torch.Tensor | None = None,
+        custom_generate=None,
+        **kwargs,
+    ) -> torch.LongTensor | DiffusionGenerateOutput:
+        """transformers' `GenerationMixin.generate` signature, decoded by `diffusion_generate`.
 
-    def _resolve_generation_config(self, generation_config, kwargs: dict) -> DiffusionGenerationConfig:
+        Takes the prompt positionally or as `input_ids=` (with `attention_mask=`, e.g. `**tokenizer(text,
+        return_tensors="pt")`), a `generation_config` and field overrides as keyword arguments, so pipelines and
+        harnesses written for `generate` work unchanged. The arguments that only mean something for autoregressive
+        decoding (`prefix_allowed_tokens_fn`, `assistant_model`, `negative_prompt_ids`, `custom_generate`, ...)
+        raise a `ValueError` when set.
+        """
+        given = {
+            "prefix_allowed_tokens_fn": prefix_allowed_tokens_fn,
+            "synced_gpus": synced_gpus,
+            "assistant_model": assistant_model,
+            "negative_prompt_ids": negative_prompt_ids,
+            "negative_prompt_attention_mask": negative_prompt_attention_mask,
+            "custom_generate": custom_generate,
+        }
+        for name, value in given.items():
+            if value is not None and value is not False:
+                shown = repr(value) if isinstance(value, (bool, int, float, str)) else f"<{type(value).__name__}>"
+                raise ValueError(
+                    f"generate: {name}={shown} is not supported by masked-diffusion decoding; leave it unset"
+                )
+        if inputs is not None and kwargs.get("input_ids") is not None:
+            raise ValueError("generate: the prompt was given twice, as `inputs` and as `input_ids=`; pass one")
+        input_ids = kwargs.pop("input_ids", None)
+        return self.diffusion_generate(
+            inputs if inputs is not None else input_ids,
+            generation_config=generation_config,
+            streamer=streamer,
+            logits_processor=logits_processor,
+            stopping_criteria=stopping_criteria,
+            **kwargs,
+        )
+
+    def _resolve_generation_config(
+        self, generation_config, kwargs: dict, prompt_length: int | None = None
+    ) -> DiffusionGenerationConfig:
+        """A validated copy of `generation_config` (default: the model's) with the call's `kwargs` applied.
+
+        With `prompt_length`, a `max_length` (prompt + canvas, as in transformers) becomes `max_new_tokens`."""
         base = generation_config if generation_config is not None else self.generation_config
         if not isinstance(base, DiffusionGenerationConfig):
             base = DiffusionGenerationConfig.from_dict(base.to_dict())
@@ -412,10 +548,36 @@ class DiffusionGenerationMixin:
         if unknown:
             raise ValueError(
                 f"diffusion_generate: unknown keyword argument(s) {unknown}; accepted are the DiffusionGeneration"
-                "Config fields, `attention_mask`, `streamer`, `generator`, `tokenizer` and `step_callback`."
+                "Config fields, `attention_mask`, `streamer`, `generator`, `tokenizer`, `logits_processor` and "
+                "`stopping_criteria`."
+            )
+        if kwargs.get("use_cache") is False and kwargs.get("cache_implementation") is not None:
+            raise ValueError(
+                f"diffusion_generate: use_cache=False turns the cache off, but cache_implementation="
+                f"{kwargs['cache_implementation']!r} asks for one; pass one of them"
             )
         for name, value in kwargs.items():
             setattr(config, name, value)
+        if "temperature" in kwargs and "do_sample" not in kwargs:
+            config.do_sample = None  # the call's temperature decides (0 greedy, > 0 sampling)
+        elif kwargs.get("do_sample") is False and "temperature" not in kwargs:
+            config.temperature = 0.0  # transformers' meaning: do_sample=False is greedy decoding
+        if "max_new_tokens" in kwargs and "max_length" not in kwargs:
+            config.max_length = None  # the call's canvas beats a configured total length, as in transformers
+        if config.max_length is not None and prompt_length is not None:
+            canvas = config.max_length - prompt_length
+            if canvas < 1:
+                raise ValueError(
+                    f"diffusion_generate: max_length={config.max_length} (prompt + new tokens) leaves no room after "
+                    f"the {prompt_length}-token prompt; pass a larger max_length, or max_new_tokens"
+                )
+            if "max_new_tokens" in kwargs and kwargs["max_new_tokens"] != canvas:
+                raise ValueError(
+                    f"diffusion_generate: max_new_tokens={kwargs['max_new_tokens']} and max_length="
+                    f"{config.max_length} disagree for a {prompt_length}-token prompt (max_length means prompt + new "
+                    "tokens); pass one of them"
+                )
+            config.max_new_tokens = canvas
         config.validate()
         return config
 
@@ -428,20 +590,28 @@ class DiffusionGenerationMixin:
         streamer=None,
         generator: torch.Generator | None = None,
         tokenizer=None,
-        step_callback: Callable[[torch.LongTensor], None] | None = None,
+        logits_processor: LogitsProcessorList | None = None,
+        stopping_criteria: StoppingCriteriaList | None = None,
         **kwargs,
     ) -> torch.LongTensor | DiffusionGenerateOutput:
         """Fill `max_new_tokens` masked positions after a left-padded prompt, block by block.
 
         Args:
-            input_ids: [B, P] prompt ids, left-padded when rows differ in length.
-            attention_mask: [B, P] 1 for real tokens, 0 for left padding (right padding is rejected).
+            input_ids: [B, P] prompt ids, left-padded when rows differ in length (also accepted as `inputs=`).
+            attention_mask: [B, P] 1 for real tokens, 0 for left padding (right padding is rejected). A tokenizer's
+                all-zero `token_type_ids` are accepted and unused (the model has no token types).
             generation_config: a `DiffusionGenerationConfig`; keyword arguments override its fields.
-            streamer: a transformers `BaseStreamer`: gets the prompt, then each block once it is final.
+            streamer: a transformers `BaseStreamer`: gets `put(prompt)`, then `put_draft(block)` after every
+                denoising step (if it has `put_draft`, e.g. `TextDiffusionStreamer`: the current block [B, length]
+                with masks in place), `put(block)` once each block is final, and `end()`.
             generator: a `torch.Generator` for `temperature > 0`, `remasking="random"` (reproducible runs).
             tokenizer: needed with `stop_strings`.
-            step_callback: called after every denoising step with the whole [B, P + max_new_tokens] canvas (masks
-                still in place), e.g. to show it filling in live; the tensor is a copy the callee may keep.
+            logits_processor: transformers logits processors, applied to every step's logits of the current
+                block before proposals and confidences: called with the canvas rows (masks in place, repeated per
+                position) as `input_ids` [B * length, L] and the block's logits as `scores` [B * length, V].
+            stopping_criteria: transformers stopping criteria, checked once a block is final on every prefix of
+                it (`input_ids` = prompt + generated tokens up to that position, `scores=None`): a row stops at the
+                first position where one returns True; its later tokens become `pad_token_id`.
 
         Returns:
             LongTensor [B * num_return_sequences, P + max_new_tokens], or a `DiffusionGenerateOutput` with
@@ -449,14 +619,26 @@ class DiffusionGenerationMixin:
         """
         if input_ids is None:
             input_ids = kwargs.pop("inputs", None)
-        if step_callback is not None and not callable(step_callback):
-            raise ValueError(f"diffusion_generate: step_callback={step_callback!r} is not callable")
-        config = self._resolve_generation_config(generation_config, kwargs)
+        token_type_ids = kwargs.pop("token_type_ids", None)
+        if token_type_ids is not None and torch.as_tensor(token_type_ids).any():
+            raise ValueError(
+                "diffusion_generate: token_type_ids has non-zero entries; LLaDA-MoE has no token types (pass "
+                "input_ids and attention_mask only)"
+            )
+        logits_processor = as_list_of(logits_processor, LogitsProcessorList, "logits_processor")
+        stopping_criteria = as_list_of(stopping_criteria, StoppingCriteriaList, "stopping_criteria")
+        prompt_length = input_ids.shape[-1] if isinstance(input_ids, torch.Tensor) else None
+        config = self._resolve_generation_config(generation_config, kwargs, prompt_length)
         input_ids, attention_mask, special = self._check_generation_inputs(input_ids, attention_mask, config, tokenizer)
+        if stopping_criteria and special["pad"] is None:
+            raise ValueError(
+                "diffusion_generate: stopping_criteria need a pad_token_id (or eos_token_id) to fill the tail"
+            )
         input_ids = input_ids.repeat_interleave(config.num_return_sequences, dim=0)
         attention_mask = attention_mask.repeat_interleave(config.num_return_sequences, dim=0)
         return self._diffusion_sample(
-            input_ids, attention_mask, config, special, streamer, generator, tokenizer, step_callback
+            input_ids, attention_mask, config, special, streamer, generator, tokenizer, logits_processor,
+            stopping_criteria,
         )
 
     def _check_generation_inputs(self, input_ids, attention_mask, config, tokenizer):
@@ -510,13 +692,14 @@ class DiffusionGenerationMixin:
         return input_ids, attention_mask, special
 
     def _diffusion_sample(
-        self, input_ids, attention_mask, config, special, streamer, generator, tokenizer, step_callback=None
+        self, input_ids, attention_mask, config, special, streamer, generator, tokenizer, logits_processor,
+        stopping_criteria,
     ):
         device = input_ids.device
         batch, prompt_len = input_ids.shape
-        gen_len, block_len = config.max_new_tokens, config.block_length
-        num_blocks = gen_len // block_len
-        steps_per_block = config.total_steps // num_blocks
+        gen_len = config.max_new_tokens
+        blocks = split_blocks(gen_len, config.block_length)
+        block_steps = split_steps(config.total_steps, blocks)
         mask_id = special["mask"]
 
         x = torch.cat([input_ids, torch.full((batch, gen_len), mask_id, dtype=input_ids.dtype, device=device)], 1)
@@ -526,26 +709,28 @@ class DiffusionGenerationMixin:
             "nfe": torch.zeros(batch, dtype=torch.long, device=device),
             "unmask_step": torch.full((batch, gen_len), -1, dtype=torch.long, device=device),
             "history": [] if config.output_history else None,
-            "step_callback": step_callback,
+            "logits_processor": logits_processor,
+            "draft_streamer": streamer if hasattr(streamer, "put_draft") else None,
         }
         active = torch.ones(batch, dtype=torch.bool, device=device)
         if streamer is not None:
             streamer.put(input_ids.cpu())
 
-        for block in range(num_blocks):
+        start = prompt_len
+        for length, steps in zip(blocks, block_steps):
             rows = active.nonzero().squeeze(1)
             if rows.numel() == 0:
                 break
-            start = prompt_len + block * block_len
-            end = start + block_len
-            self._decode_block(
-                x, full_mask, prompt_index, rows, start, end, steps_per_block, config, special, state, generator
-            )
+            end = start + length
+            self._decode_block(x, full_mask, prompt_index, rows, start, end, steps, config, special, state, generator)
             for row in rows.tolist():
-                if self._row_stops(x, row, prompt_len, end, config, special, tokenizer, state):
+                stops = self._row_stops(x, row, prompt_len, start, end, config, special, tokenizer, stopping_criteria)
+                if stops is not None:
+                    state["unmask_step"][row, stops:] = -1
                     active[row] = False
             if streamer is not None:
                 streamer.put(x[:, start:end].cpu())
+            start = end
         if streamer is not None:
             streamer.end()
 
@@ -567,14 +752,16 @@ class DiffusionGenerationMixin:
         parallel = config.threshold is not None or config.factor is not None
         quota = transfer_schedule((xs[:, start:end] == mask_id).sum(dim=1), steps)
         cache = None
-        if config.use_cache is not None:
-            cache = DiffusionBlockCache(config.use_cache, self.config.num_hidden_layers)
+        if config.cache_mode is not None:
+            cache = DiffusionBlockCache(config.cache_mode, self.config.num_hidden_layers)
         step = 0
         while True:
             still_masked = (xs[:, start:end] == mask_id).any(dim=1)
             if (step >= steps) if not parallel else not still_masked.any():
                 break
             logits, window = self._step_logits(xs, masks, prompts, mask_id, cache, step, start, end, config)
+            if state["logits_processor"]:
+                logits = process_block_logits(state["logits_processor"], xs, logits, start - window[0], end - window[0])
             proposal_w = propose_tokens(logits, config.temperature, config.top_k, config.top_p, generator)
             scores_w = confidence(logits, proposal_w, config.remasking, config.confidence_suppress_tokens, generator)
             proposal = xs.clone()
@@ -607,8 +794,8 @@ class DiffusionGenerationMixin:
             x[rows] = xs
             if state["history"] is not None:
                 state["history"].append(x.clone())
-            if state["step_callback"] is not None:
-                state["step_callback"](x.clone())
+            if state["draft_streamer"] is not None:
+                state["draft_streamer"].put_draft(x[:, start:end].cpu())
             step += 1
 
     def _step_logits(self, xs, masks, prompts, mask_id, cache, step, start, end, config):
@@ -634,32 +821,34 @@ class DiffusionGenerationMixin:
             cond, uncond = logits.chunk(2)
             logits = uncond + (config.cfg_scale + 1) * (cond - uncond)
         if config.suppress_tokens:
-            logits = logits.clone()
-            logits[..., config.suppress_tokens] = float("-inf")
+            logits = SuppressTokensLogitsProcessor(config.suppress_tokens, device=logits.device)(None, logits)
         return logits, window
 
-    def _row_stops(self, x, row, prompt_len, end, config, special, tokenizer, state) -> bool:
-        """After a finished block: whether row `row` stops (EOS or a stop string); if so pad its tail."""
+    def _row_stops(self, x, row, prompt_len, start, end, config, special, tokenizer, stopping_criteria) -> int | None:
+        """After the block [start, end) is final: where row `row` stops (EOS, a stop string or one of the
+        `stopping_criteria`, at the first position of the block where one applies): the number of generated tokens
+        it keeps, its tail padded; None if it goes on."""
         generated = x[row, prompt_len:end]
         cut = None
         if config.stop_at_eos:
             hits = torch.isin(generated, torch.tensor(special["eos"], device=x.device)).nonzero()
             if hits.numel():
                 cut = int(hits[0]) + 1
+        first, last = start - prompt_len + 1, generated.numel() if cut is None else cut - 1
         if config.stop_strings:
-            previous = end - config.block_length - prompt_len
-            for length in range(max(previous, 0) + 1, generated.numel() + 1):
-                if cut is not None and length >= cut:
-                    break
+            for length in range(first, last + 1):
                 text = tokenizer.decode(generated[:length])
                 if any(stop in text for stop in config.stop_strings):
+                    cut = last = length
+                    break
+        if stopping_criteria:
+            for length in range(first, last + 1):
+                if bool(stopping_criteria(x[row : row + 1, : prompt_len + length], None).any()):
                     cut = length
                     break
-        if cut is None:
-            return False
-        x[row, prompt_len + cut :] = special["pad"]
-        state["unmask_step"][row, cut:] = -1
-        return True
+        if cut is not None:
+            x[row, prompt_len + cut :] = special["pad"]
+        return cut
 
     @torch.no_grad()
     def diffusion_loglikelihood(

@@ -6,8 +6,6 @@ pre-trained base, trunk and masked-LM head. The math follows the official `model
 key-padding mask, the router runs in fp32, and `labels` / `output_router_logits` work.
 """
 
-from __future__ import annotations
-
 import importlib.util
 import shutil
 from collections.abc import Callable
@@ -28,7 +26,8 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeModelOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
-from transformers.utils import ModelOutput, can_return_tuple
+from transformers.processing_utils import Unpack
+from transformers.utils import ModelOutput, TransformersKwargs, can_return_tuple
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
@@ -67,7 +66,8 @@ class LLaDAMoERMSNorm(nn.Module):
 
 
 class LLaDAMoERotaryEmbedding(nn.Module):
-    def __init__(self, config: LLaDAMoEConfig):
+    def __init__(self, config: LLaDAMoEConfig, device: torch.device | str | None = None):
+        """`device`: where the inverse frequencies are computed and kept (the default device when None)."""
         super().__init__()
         self.max_seq_len_cached = config.max_position_embeddings
         self.original_max_seq_len = config.max_position_embeddings
@@ -76,16 +76,18 @@ class LLaDAMoERotaryEmbedding(nn.Module):
         rope_init_fn: Callable = self.compute_default_rope_parameters
         if self.rope_type != "default":
             rope_init_fn = ROPE_INIT_FUNCTIONS[self.rope_type]
-        inv_freq, self.attention_scaling = rope_init_fn(config)
+        inv_freq, self.attention_scaling = rope_init_fn(config, device)
         self.inv_freq = nn.Buffer(inv_freq, persistent=False)
         self.original_inv_freq = nn.Buffer(inv_freq.clone(), persistent=False)
 
     @staticmethod
-    def compute_default_rope_parameters(config: LLaDAMoEConfig, **kwargs) -> tuple[torch.Tensor, float]:
+    def compute_default_rope_parameters(
+        config: LLaDAMoEConfig, device: torch.device | str | None = None, **kwargs
+    ) -> tuple[torch.Tensor, float]:
         """inv_freq_j = theta^(-2j/d) over the rotary width d = head_dim * partial_rotary_factor."""
         base = config.rope_parameters["rope_theta"]
         dim = int(config.head_dim * config.rope_parameters.get("partial_rotary_factor", 1.0))
-        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float) / dim))
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).to(torch.float) / dim))
         return inv_freq, 1.0
 
     @torch.no_grad()
@@ -174,7 +176,7 @@ class LLaDAMoEAttention(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
         past_key_values: Cache | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
@@ -480,7 +482,7 @@ class LLaDAMoEDecoderLayer(GradientCheckpointingLayer):
         attention_mask: torch.Tensor | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         past_key_values: Cache | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
@@ -501,6 +503,9 @@ class LLaDAMoEDecoderLayer(GradientCheckpointingLayer):
         return residual + mlp_output
 
 
+ROUTER_FP32_PATTERN = r".*mlp\.gate(?=\.|$)"
+EXPERT_BIAS_FP32_PATTERN = r".*mlp\.expert_bias"
+
 MODEL_FILES_AUTO_MAP = {
     "AutoConfig": "configuration_llada_moe.LLaDAMoEConfig",
     "AutoModel": "modeling_llada_moe.LLaDAMoEForMaskedLM",
@@ -515,10 +520,10 @@ class LLaDAMoEPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["LLaDAMoEDecoderLayer"]
     _skip_keys_device_placement = ["past_key_values"]
-    # The router (`mlp.gate`) and the expert bias stay fp32 under bf16/fp16 and are never quantized. The lookahead
-    # keeps the pattern off the dense MLP's `mlp.gate_proj`; the leading `.*` lets bitsandbytes' anchored match find it.
-    _keep_in_fp32_modules = [r".*mlp\.gate(?=\.|$)", r".*mlp\.expert_bias"]
-    _keep_in_fp32_modules_strict = [r".*mlp\.gate(?=\.|$)", r".*mlp\.expert_bias"]
+    # The router (`mlp.gate`) and the expert bias stay fp32 under bf16 and fp16: the strict list (the other one acts
+    # under fp16 only). Neither is an `nn.Linear`, so bitsandbytes never quantizes them. The lookahead keeps the
+    # pattern off the dense MLP's `mlp.gate_proj`; post_init drops a pattern the config builds no module for.
+    _keep_in_fp32_modules_strict = [ROUTER_FP32_PATTERN, EXPERT_BIAS_FP32_PATTERN]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -540,6 +545,11 @@ class LLaDAMoEPreTrainedModel(PreTrainedModel):
 
     def post_init(self) -> None:
         super().post_init()
+        # transformers expects every listed pattern to name a module of this model.
+        if not any(self.config.moe_layer_freq):
+            self._keep_in_fp32_modules_strict.discard(ROUTER_FP32_PATTERN)
+        if not (any(self.config.moe_layer_freq) and self.config.moe_router_enable_expert_bias):
+            self._keep_in_fp32_modules_strict.discard(EXPERT_BIAS_FP32_PATTERN)
         # bitsandbytes 4-bit on CPU depends on the host unless kept on its standard layout (see bnb_layout).
         self.register_forward_pre_hook(use_portable_4bit_path)
         self.register_state_dict_pre_hook(restore_before_saving)
@@ -615,7 +625,7 @@ class LLaDAMoEModel(LLaDAMoEPreTrainedModel):
         past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> MoeModelOutputWithPast:
         r"""
         attention_mask (`torch.Tensor` of shape `(batch, past + seq)`, *optional*):
@@ -712,25 +722,42 @@ def router_z_loss(router_logits: tuple[torch.Tensor, ...], attention_mask: torch
     return (z * weights).sum() / weights.sum().clamp(min=1.0)
 
 
-def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over positions whose label is not -100 (position-aligned: no shift); 0 if there are none."""
+def masked_lm_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    vocab_size: int | None = None,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """Cross-entropy over positions whose label is not `ignore_index` (position-aligned: no shift), in fp32.
+
+    transformers' loss-function signature (`ForMaskedLMLoss`): the mean over this batch's scored positions (0 if
+    there are none), or, with `num_items_in_batch` (what `Trainer` passes: the scored positions of the whole
+    accumulated step), their sum divided by it, so the micro-batch losses of one step add up to the step's mean.
+    """
     if labels.shape != logits.shape[:-1]:
         raise ValueError(
             f"labels has shape {tuple(labels.shape)}; expected {tuple(logits.shape[:-1])}, one label per position "
-            "(-100 for positions without loss)."
+            f"({ignore_index} for positions without loss)."
         )
+    if vocab_size is not None and logits.shape[-1] != vocab_size:
+        raise ValueError(f"logits have {logits.shape[-1]} scores per position; expected vocab_size={vocab_size}")
     labels = labels.to(logits.device)
     total = F.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
+        logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=ignore_index, reduction="sum"
     )
-    return total / (labels != -100).sum().clamp(min=1)
+    if num_items_in_batch is None:
+        return total / (labels != ignore_index).sum().clamp(min=1)
+    return total / torch.as_tensor(num_items_in_batch, device=total.device)
 
 
 @dataclass
 class LLaDAMoEMaskedLMOutput(ModelOutput):
     """
-    loss: mean masked-position cross-entropy, plus `router_aux_loss_coef * aux_loss + router_z_loss_coef * z_loss`
-        when router logits are requested. aux_loss / z_loss: the load-balancing and router z-losses.
+    loss: masked-position cross-entropy (`masked_lm_loss`: the mean, or the sum over `num_items_in_batch`), plus
+        `router_aux_loss_coef * aux_loss + router_z_loss_coef * z_loss` when router logits are requested (times this
+        batch's share of the `num_items_in_batch` labels, when given). aux_loss / z_loss: the load-balancing and
+        router z-losses of this batch.
     logits: [B, T, V] position-aligned scores, in the parameter dtype.
     router_logits: one fp32 [B*T, E] tensor per MoE layer.
     """
@@ -764,6 +791,16 @@ class LLaDAMoEForMaskedLM(DiffusionGenerationMixin, LLaDAMoEPreTrainedModel):
     def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
         self.lm_head = new_embeddings
 
+    @property
+    def loss_function(self) -> Callable:
+        """`masked_lm_loss` (position-aligned, `num_items_in_batch`-aware), or what was set with
+        `model.loss_function = fn` (transformers' signature: logits, labels, vocab_size, num_items_in_batch=...)."""
+        return getattr(self, "_loss_function", masked_lm_loss)
+
+    @loss_function.setter
+    def loss_function(self, value: Callable) -> None:
+        self._loss_function = value
+
     @can_return_tuple
     def forward(
         self,
@@ -776,11 +813,16 @@ class LLaDAMoEForMaskedLM(DiffusionGenerationMixin, LLaDAMoEPreTrainedModel):
         use_cache: bool | None = None,
         output_router_logits: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> LLaDAMoEMaskedLMOutput:
         r"""
         labels (`torch.LongTensor` of shape `(batch, seq)`, *optional*):
-            Target ids at the positions to score and -100 elsewhere; `loss` is their mean cross-entropy.
+            Target ids at the positions to score and -100 elsewhere; `loss` is their mean cross-entropy (scored by
+            `self.loss_function`, `masked_lm_loss` unless set).
+        num_items_in_batch (`torch.Tensor` or `int`, *optional*, a keyword):
+            Scored positions of the whole optimizer step, as `Trainer` passes under gradient accumulation: the
+            cross-entropy is summed and divided by it, and the router losses enter with this batch's share of it, so
+            the accumulated micro-batch losses add up to what one batch of the whole step gives.
         output_router_logits (`bool`, *optional*):
             Return each MoE layer's router logits and add the weighted load-balancing and z-losses to `loss`.
         logits_to_keep (`int` or `torch.Tensor`, *optional*):
@@ -795,6 +837,7 @@ class LLaDAMoEForMaskedLM(DiffusionGenerationMixin, LLaDAMoEPreTrainedModel):
                 "forward runs without autograd, so the router losses would get no gradient. Enable checkpointing "
                 "with {'use_reentrant': False} (the transformers default) or disable the router losses."
             )
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         outputs: MoeModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -817,15 +860,22 @@ class LLaDAMoEForMaskedLM(DiffusionGenerationMixin, LLaDAMoEPreTrainedModel):
             hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
         logits = self.lm_head(hidden_states)
 
-        loss = masked_lm_loss(logits, labels) if labels is not None else None
-        aux_loss = z_loss = None
+        loss = aux_loss = z_loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, self.config.vocab_size, num_items_in_batch=num_items_in_batch)
         if output_router_logits and outputs.router_logits:
             aux_loss = load_balancing_loss(
                 outputs.router_logits, self.config.num_experts, self.config.num_experts_per_tok, attention_mask
             )
             z_loss = router_z_loss(outputs.router_logits, attention_mask)
             if loss is not None:
-                loss = loss + self.config.router_aux_loss_coef * aux_loss + self.config.router_z_loss_coef * z_loss
+                router_loss = self.config.router_aux_loss_coef * aux_loss + self.config.router_z_loss_coef * z_loss
+                if num_items_in_batch is not None:
+                    # Trainer adds up the micro-batch losses of a step: weighting each batch's (mean) router losses by
+                    # its share of the step's labels adds them once, as a label-weighted mean, not once per batch.
+                    scored = (labels != -100).sum().to(router_loss.device)
+                    router_loss = router_loss * scored / torch.as_tensor(num_items_in_batch, device=scored.device)
+                loss = loss + router_loss
 
         return LLaDAMoEMaskedLMOutput(
             loss=loss,

@@ -121,8 +121,8 @@ def test_chat_reports_bad_settings(served):
     from gradio_client.exceptions import AppError
 
     client = served[0]
-    with pytest.raises(AppError, match=r"block_length.*must divide max_new_tokens=24"):
-        client.predict("t1", [], 24, 16, 0, 0, "none", 0.0, "low_confidence", True, api_name="/chat")
+    with pytest.raises(AppError, match=r"`steps`=1 is invalid; expected a positive integer, at least the number"):
+        client.predict("t1", [], 24, 16, 1, 0, "none", 0.0, "low_confidence", True, api_name="/chat")
     with pytest.raises(AppError, match=r"steps=2.5: expected a whole number"):
         client.predict("t1", [], 16, 8, 2.5, 0, "none", 0.0, "low_confidence", True, api_name="/chat")
 
@@ -148,7 +148,7 @@ def test_app_command_line(capsys):
         (["--tiny", "--port", "70000"], "--port 70000: expected a port number in 1..65535"),
         (["--tiny", "--bits", "3"], "argument --bits: invalid choice: 3"),
         ([], "pass exactly one of --model PATH_OR_REPO or --tiny"),
-        (["--tiny", "--max-new-tokens", "24", "--block-length", "16"], "--block-length 16 must be a positive divisor"),
+        (["--tiny", "--max-new-tokens", "24", "--block-length", "0"], "--block-length 0: expected a positive integer"),
         (["--model", "/no/such/folder"], "'/no/such/folder': no such folder"),
     ):
         with pytest.raises(SystemExit) as exit_info:

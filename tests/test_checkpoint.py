@@ -1,9 +1,11 @@
 """Official-checkpoint compatibility: load parity against recorded and independent references, save/reload."""
 
 import json
+import re
 
 import pytest
 import torch
+from conftest import tiny_model
 from official_reference import (
     official_config_dict,
     official_state_dict,
@@ -13,6 +15,7 @@ from official_reference import (
 from safetensors import safe_open
 
 from modeling_llada_moe import LLaDAMoEForMaskedLM, LLaDAMoEModel
+from modeling_llada_moe.modeling_llada_moe import EXPERT_BIAS_FP32_PATTERN, ROUTER_FP32_PATTERN
 
 
 def saved_tensors(folder) -> dict[str, torch.Tensor]:
@@ -156,6 +159,42 @@ def test_bf16_load_keeps_router_and_expert_bias_fp32(tmp_path):
     expected, _ = reference_forward({k: v.float() for k, v in state_dict.items()}, config, ids)
     # bf16 activations against fp32 math on the same weights: ~1% mean error (a near-tie route may flip).
     assert (logits.float() - expected).abs().mean().item() < 0.03
+
+
+@pytest.mark.parametrize(
+    "overrides, kept",
+    [
+        (dict(), {ROUTER_FP32_PATTERN}),
+        (dict(moe_router_enable_expert_bias=True), {ROUTER_FP32_PATTERN, EXPERT_BIAS_FP32_PATTERN}),
+        (dict(moe_layer_freq=[0, 0]), set()),
+    ],
+)
+def test_fp32_module_lists_name_existing_modules_once(tmp_path, overrides, kept):
+    # transformers: `_keep_in_fp32_modules` upcasts under fp16 only, `_keep_in_fp32_modules_strict` under fp16 and
+    # bf16; a pattern belongs in one list and must name a module the model has.
+    model = tiny_model(**overrides)
+    assert not model._keep_in_fp32_modules & model._keep_in_fp32_modules_strict
+    names = list(model.state_dict())
+    for pattern in model._keep_in_fp32_modules | model._keep_in_fp32_modules_strict:
+        assert any(re.search(rf"(?:^|\.){pattern}(?:\.|$)", name) for name in names), pattern
+    assert model._keep_in_fp32_modules_strict == kept
+    model.save_pretrained(tmp_path)
+    for dtype in (torch.float16, torch.bfloat16):
+        loaded = LLaDAMoEForMaskedLM.from_pretrained(tmp_path, dtype=dtype)
+        fp32 = {name for name, tensor in loaded.state_dict().items() if tensor.dtype == torch.float32}
+        assert fp32 == {name for name in names if "mlp.gate." in name or name.endswith("mlp.expert_bias")}, dtype
+
+
+def test_from_pretrained_without_a_folder_takes_the_state_dict():
+    # transformers' way to build a model from tensors in memory: `from_pretrained(None, config=, state_dict=)`.
+    model = tiny_model(seed=5)
+    again = LLaDAMoEForMaskedLM.from_pretrained(None, config=model.config, state_dict=model.state_dict()).eval()
+    x = torch.randint(0, 120, (1, 8))
+    with torch.no_grad():
+        assert torch.equal(again(x).logits, model(x).logits)
+    assert type(again.generation_config) is type(model.generation_config)
+    initialised = LLaDAMoEForMaskedLM.from_pretrained(None, config=model.config, state_dict={})
+    assert all(p.device.type == "cpu" and torch.isfinite(p).all() for p in initialised.parameters())
 
 
 def test_dense_llada_config_is_rejected(tmp_path):

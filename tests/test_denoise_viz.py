@@ -79,8 +79,10 @@ def test_frames_show_masks_and_highlight_new_tokens(tmp_path):
     with pytest.raises(ValueError, match="output_history=True"):
         no_history = DiffusionGenerateOutput(sequences=output.sequences, unmask_step=output.unmask_step)
         viz.render_frames(no_history, None, 4, MASK)
-    with pytest.raises(ValueError, match="block_length=3 must be a positive divisor of the canvas length 8"):
-        viz.render_heatmap(output, tiny_tokenizer(), block_length=3)
+    viz.render_heatmap(output, tiny_tokenizer(), block_length=3)  # 8 tokens: blocks of 3, 3 and a shorter 2
+    assert len(viz.grid_positions(8, 3, 16)[1]) == 3
+    with pytest.raises(ValueError, match="block_length=0"):
+        viz.render_heatmap(output, tiny_tokenizer(), block_length=0)
 
 
 def test_script_writes_png_and_gif_in_tiny_mode(tmp_path):
@@ -101,7 +103,7 @@ def test_script_rejects_bad_flags(capsys):
         (["--tiny"], "pass --png OUT.png and/or --gif OUT.gif"),
         (["--png", "out.png"], "pass exactly one of --model PATH_OR_REPO or --tiny"),
         (["--tiny", "--png", "o.png", "--use-cache", "full"], "argument --use-cache: invalid choice: 'full'"),
-        (["--tiny", "--png", "o.png", "--max-new-tokens", "12", "--block-length", "8"], "max_new_tokens=12"),
+        (["--tiny", "--png", "o.png", "--max-new-tokens", "12", "--block-length", "8", "--steps", "1"], "`steps`=1"),
     ):
         with pytest.raises(SystemExit) as exit_info:
             viz.main(argv)

@@ -30,7 +30,7 @@ def run_example(name: str, *args, monkeypatch, capsys, stdin: str | None = None)
 def tiny_answers(tmp_path, turns: list[str]) -> list[str]:
     """The examples' answers computed directly: the same tiny model (seed 0), threshold 0.9 + dual cache."""
     model, tokenizer = load_model_and_tokenizer(save_tiny_folder(tmp_path / "tiny"), device="cpu")
-    decoding = dict(max_new_tokens=8, block_length=8, threshold=0.9, use_cache="dual", stop_at_eos=True)
+    decoding = dict(max_new_tokens=8, block_length=8, threshold=0.9, cache_implementation="dual", stop_at_eos=True)
     messages, answers = [], []
     for turn in turns:
         messages.append({"role": "user", "content": turn})

@@ -185,7 +185,7 @@ def test_caches_are_exact_for_a_one_layer_model(mode):
     for kwargs in (dict(steps=16), dict(threshold=0.3)):
         plain = model.diffusion_generate(x, attention_mask=mask, max_new_tokens=16, block_length=8, **kwargs)
         cached = model.diffusion_generate(
-            x, attention_mask=mask, max_new_tokens=16, block_length=8, use_cache=mode, **kwargs
+            x, attention_mask=mask, max_new_tokens=16, block_length=8, cache_implementation=mode, **kwargs
         )
         assert torch.equal(plain, cached), (mode, kwargs)
 
@@ -195,7 +195,7 @@ def test_cached_outputs_stay_close_to_uncached_with_a_high_threshold(reversal_mo
     tasks = reversal_batch(32, torch.Generator().manual_seed(2))
     kwargs = dict(max_new_tokens=DIGITS, block_length=DIGITS // 2, threshold=0.99, return_dict_in_generate=True)
     plain = reversal_model.diffusion_generate(tasks[:, :DIGITS], **kwargs)
-    cached = reversal_model.diffusion_generate(tasks[:, :DIGITS], use_cache=mode, **kwargs)
+    cached = reversal_model.diffusion_generate(tasks[:, :DIGITS], cache_implementation=mode, **kwargs)
     agreement = (plain.sequences[:, DIGITS:] == cached.sequences[:, DIGITS:]).float().mean().item()
     print(f"{mode} cache vs no cache, threshold 0.99: token agreement {agreement:.3f}")
     assert agreement >= 0.85 and not (cached.sequences == MASK).any()
@@ -204,15 +204,15 @@ def test_cached_outputs_stay_close_to_uncached_with_a_high_threshold(reversal_mo
 # --- batching -----------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("use_cache", [None, "prefix", "dual"])
-def test_left_padded_batch_rows_decode_as_alone(use_cache):
+@pytest.mark.parametrize("cache", [None, "prefix", "dual"])
+def test_left_padded_batch_rows_decode_as_alone(cache):
     model = tiny_model(seed=6)
     rows = [prompts(1, 7, seed=1)[0], prompts(1, 3, seed=2)[0], prompts(1, 5, seed=3)[0]]
     batch = torch.full((3, 7), PAD)
     mask = torch.zeros(3, 7, dtype=torch.long)
     for i, row in enumerate(rows):
         batch[i, 7 - len(row) :], mask[i, 7 - len(row) :] = row, 1
-    kwargs = dict(max_new_tokens=12, block_length=4, steps=6, use_cache=use_cache)
+    kwargs = dict(max_new_tokens=12, block_length=4, steps=6, cache_implementation=cache)
     together = model.diffusion_generate(batch, attention_mask=mask, **kwargs)
     for i, row in enumerate(rows):
         alone = model.diffusion_generate(row[None], **kwargs)
@@ -308,16 +308,28 @@ def test_history_records_every_step():
     assert masks_left == [12, 8, 4, 0]
 
 
-def test_step_callback_sees_every_canvas_live():
+class DraftCollector(Collector):
+    def __init__(self):
+        super().__init__()
+        self.drafts = []
+
+    def put_draft(self, value):
+        self.drafts.append(value.clone())
+
+
+def test_streamer_put_draft_sees_the_block_after_every_step():
     model = tiny_model()
-    seen = []
+    streamer = DraftCollector()
     out = model.diffusion_generate(
         prompts(), max_new_tokens=8, block_length=4, steps=4, output_history=True, return_dict_in_generate=True,
-        step_callback=seen.append,
+        streamer=streamer,
     )
-    assert len(seen) == 4 and all(torch.equal(a, b) for a, b in zip(seen, out.history))
-    with pytest.raises(ValueError, match="step_callback=3 is not callable"):
-        model.diffusion_generate(prompts(), max_new_tokens=8, block_length=4, step_callback=3)
+    # Two blocks of two steps: each draft is the current block of the canvas after that step, masks in place.
+    blocks = [slice(6, 10), slice(6, 10), slice(10, 14), slice(10, 14)]
+    assert len(streamer.drafts) == 4
+    assert all(torch.equal(d, h[:, b]) for d, h, b in zip(streamer.drafts, out.history, blocks))
+    assert [int((d == MASK).sum()) for d in streamer.drafts] == [4, 0, 4, 0]
+    assert torch.equal(torch.cat(streamer.values[1:], dim=1), out.sequences[:, 6:]) and streamer.ended
 
 
 # --- configuration and validation ---------------------------------------------------------------------------------
@@ -338,8 +350,10 @@ def test_generation_config_defaults_and_round_trip(tmp_path):
 
 
 BAD_CALLS = {
-    "steps": (dict(max_new_tokens=16, block_length=4, steps=6), "`steps`=6"),
-    "block_length": (dict(max_new_tokens=16, block_length=5), "`block_length`=5"),
+    "steps": (dict(max_new_tokens=16, block_length=4, steps=3), "`steps`=3"),
+    "block_length": (dict(max_new_tokens=16, block_length=0), "`block_length`=0"),
+    "max_length_too_short": (dict(max_length=6, block_length=8), "max_length=6"),
+    "max_length_disagrees": (dict(max_length=20, max_new_tokens=8), "disagree"),
     "mask_outside_vocab": (dict(max_new_tokens=8, block_length=8, mask_token_id=500), "mask_token_id=500"),
     "mask_is_pad": (dict(max_new_tokens=8, block_length=8, mask_token_id=PAD), "equals mask_token_id"),
     "too_long": (dict(max_new_tokens=256, block_length=8), "exceeds max_position_embeddings=256"),
@@ -348,6 +362,10 @@ BAD_CALLS = {
     "num_beams": (dict(max_new_tokens=8, block_length=8, num_beams=4), "`num_beams`=4"),
     "threshold_and_factor": (dict(max_new_tokens=8, block_length=8, threshold=0.9, factor=1.0), "exclusive"),
     "use_cache": (dict(max_new_tokens=8, block_length=8, use_cache="full"), "`use_cache`='full'"),
+    "cache_implementation": (
+        dict(max_new_tokens=8, block_length=8, cache_implementation="static"), "`cache_implementation`='static'"
+    ),
+    "cache_off_and_on": (dict(max_new_tokens=8, use_cache=False, cache_implementation="dual"), "use_cache=False"),
     "top_p_greedy": (dict(max_new_tokens=8, block_length=8, top_p=0.9), "`top_p`=0.9"),
     "stop_strings_no_tokenizer": (dict(max_new_tokens=8, block_length=8, stop_strings="x"), "tokenizer"),
 }

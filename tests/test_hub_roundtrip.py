@@ -6,9 +6,10 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 from conftest import tiny_model
-from transformers import GenerationConfig
+from transformers import AutoModel, AutoModelForMaskedLM, GenerationConfig
 
 from modeling_llada_moe import LLaDAMoEForMaskedLM, LLaDAMoEModel
 
@@ -29,7 +30,8 @@ def test_saved_folder_has_auto_map_code_generation_config_and_card(tmp_path):
     assert MODEL_FILES | {"config.json", "generation_config.json", "README.md", "model.safetensors"} <= files
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["model_type"] == "llada_moe"
-    assert config["architectures"] == ["LLaDAMoEForMaskedLM"]
+    # The official class name, as in the official checkpoints: tools keyed on it (GGUF converters) recognise the folder.
+    assert config["architectures"] == ["LLaDAMoEModelLM"]
     assert config["auto_map"] == {
         "AutoConfig": "configuration_llada_moe.LLaDAMoEConfig",
         "AutoModel": "modeling_llada_moe.LLaDAMoEForMaskedLM",
@@ -42,15 +44,38 @@ def test_saved_folder_has_auto_map_code_generation_config_and_card(tmp_path):
     assert "| MoE layers | 1 of 2 |" in card
 
 
+@pytest.mark.parametrize("saved_name", ["LLaDAMoEModelLM", "LLaDAMoEForMaskedLM"])
+def test_folders_naming_either_class_load_with_every_entry_point(tmp_path, saved_name):
+    # New folders say `LLaDAMoEModelLM`; folders saved before (and fine-tunes of them) say `LLaDAMoEForMaskedLM`.
+    model = tiny_model(seed=2)
+    model.save_pretrained(tmp_path)
+    config_path = tmp_path / "config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "architectures": [saved_name]}))
+    x = torch.randint(0, 120, (1, 9))
+    with torch.no_grad():
+        expected = model(x).logits
+        for auto_class in (LLaDAMoEForMaskedLM, AutoModel, AutoModelForMaskedLM):
+            loaded = auto_class.from_pretrained(tmp_path).eval()
+            assert type(loaded) is LLaDAMoEForMaskedLM and loaded.config.architectures == [saved_name]
+            assert torch.equal(loaded(x).logits, expected)
+    # Saving again writes the official name, whichever name the folder had.
+    loaded.save_pretrained(tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["architectures"] == ["LLaDAMoEModelLM"]
+    assert loaded.config.to_dict()["architectures"] == ["LLaDAMoEModelLM"]
+
+
 def test_base_model_folder_maps_auto_model_to_the_trunk(tmp_path):
     torch.manual_seed(0)
     LLaDAMoEModel(tiny_model().config).save_pretrained(tmp_path)
-    auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
-    assert auto_map["AutoModel"] == "modeling_llada_moe.LLaDAMoEModel"
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["auto_map"]["AutoModel"] == "modeling_llada_moe.LLaDAMoEModel"
+    assert config["architectures"] == ["LLaDAMoEModel"]  # the official trunk class has the same name
 
 
 REMOTE_LOAD = textwrap.dedent(
     """
+    import json
     import sys
     sys.modules["modeling_llada_moe"] = None  # make `import modeling_llada_moe` fail: the package is hidden
     import torch
@@ -58,6 +83,7 @@ REMOTE_LOAD = textwrap.dedent(
 
     folder, expected_path = sys.argv[1], sys.argv[2]
     expected = torch.load(expected_path, weights_only=True)
+    assert json.load(open(folder + "/config.json"))["architectures"] == ["LLaDAMoEModelLM"]
     for auto_class in (AutoModel, AutoModelForMaskedLM):
         model = auto_class.from_pretrained(folder, trust_remote_code=True).eval()
         assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
@@ -123,6 +149,8 @@ def test_remote_code_folder_saves_again_with_its_code(tmp_path):
         timeout=300,
     )
     assert MODEL_FILES <= set(os.listdir(tmp_path / "second"))
+    # The folder's own configuration code writes the official class name too.
+    assert json.loads((tmp_path / "second" / "config.json").read_text())["architectures"] == ["LLaDAMoEModelLM"]
     first = LLaDAMoEForMaskedLM.from_pretrained(tmp_path / "first")
     second = LLaDAMoEForMaskedLM.from_pretrained(tmp_path / "second")
     for key, value in first.state_dict().items():

@@ -244,7 +244,7 @@ def test_generate_task_with_chat_template(trained, task_manager):
         ({"greedy_check": "always"}, "greedy_check='always': expected one of"),
         ({"batch_size": "auto"}, "'auto' is not supported"),
         ({"max_new_tokens": 8, "gen_length": 16}, "are aliases"),
-        ({"max_new_tokens": 8, "block_length": 4, "steps": 3}, "`steps`=3 is invalid"),
+        ({"max_new_tokens": 8, "block_length": 4, "steps": 1}, "`steps`=1 is invalid"),
         ({"remasking": "lowest"}, "`remasking`='lowest' is invalid"),
         ({"bits": 4}, "bits=4 applies when pretrained is a path"),
         ({"tokenizer": None}, "a built model needs tokenizer="),
@@ -265,7 +265,7 @@ def test_bad_models_and_gen_kwargs_are_named():
     for gen_kwargs, message in [
         ({"num_beams": 4, "until": []}, r"unknown gen_kwargs \['num_beams'\]"),
         ({"do_sample": True}, "do_sample=True needs a temperature > 0"),
-        ({"max_gen_toks": 8, "steps": 3}, "`steps`=3 is invalid"),
+        ({"max_gen_toks": 8, "steps": 1, "block_length": 4}, "`steps`=1 is invalid"),
         ({"max_gen_toks": 300}, "leaves no room for the prompt in max_length=256"),
     ]:
         with pytest.raises(ValueError, match=message):
@@ -324,3 +324,13 @@ def leaves(value) -> list[str]:
     if isinstance(value, (list, tuple)):
         return [leaf for item in value for leaf in leaves(item)]
     return [str(value)]
+
+
+def test_cache_model_arguments_set_cache_implementation():
+    modes = {
+        "dual": make_lm(cache_implementation="dual"),
+        "prefix": make_lm(use_cache="prefix"),  # the old spelling names the kind
+        None: make_lm(cache_implementation="none", use_cache="true"),
+    }
+    assert {mode: lm.generation_config.cache_mode for mode, lm in modes.items()} == {m: m for m in modes}
+    assert make_lm(use_cache="false").generation_config.cache_mode is None

@@ -1,5 +1,6 @@
 """Model behaviour on tiny random configs: backends agree, padding, losses, checkpointing, cache, registration."""
 
+import inspect
 import re
 
 import pytest
@@ -7,10 +8,17 @@ import torch
 from accelerate import infer_auto_device_map
 from conftest import tiny_config, tiny_model
 from official_reference import reference_load_balancing_loss, reference_z_loss
-from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, DynamicCache
+from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, DynamicCache, Trainer, TrainingArguments
 from transformers.integrations.tensor_parallel import ALL_PARALLEL_STYLES
 
-from modeling_llada_moe import LLaDAMoEConfig, LLaDAMoEForMaskedLM, LLaDAMoEModelLM
+from modeling_llada_moe import (
+    LLaDAMoEConfig,
+    LLaDAMoEForMaskedLM,
+    LLaDAMoEMaskedLMOutput,
+    LLaDAMoEModel,
+    LLaDAMoEModelLM,
+)
+from modeling_llada_moe.modeling_llada_moe import LLaDAMoERotaryEmbedding, masked_lm_loss
 
 
 def ids(batch=2, length=12, seed=0):
@@ -121,6 +129,68 @@ def test_config_default_output_router_logits():
     assert model(ids(), output_router_logits=False).router_logits is None
 
 
+def test_num_items_in_batch_divides_the_summed_cross_entropy():
+    model = tiny_model()
+    x = ids()
+    labels = torch.full_like(x, -100)
+    labels[0, 3], labels[1, 5], labels[1, 9] = 7, 11, 3
+    mean = model(x, labels=labels).loss
+    # transformers' convention: the loss of a micro-batch is its summed CE over the whole step's label count.
+    torch.testing.assert_close(model(x, labels=labels, num_items_in_batch=torch.tensor(12)).loss, mean * 3 / 12)
+    torch.testing.assert_close(model(x, labels=labels, num_items_in_batch=6).loss, mean * 3 / 6)
+    # transformers' setter replaces the loss function; it gets the step's label count too.
+    seen = {}
+    model.loss_function = lambda logits, labels, vocab_size, num_items_in_batch=None: seen.setdefault(
+        "count", torch.tensor(float(num_items_in_batch))
+    )
+    assert model(x, labels=labels, num_items_in_batch=5).loss.item() == 5.0 and seen["count"].item() == 5.0
+
+
+def trainer_step(tmp_path, model, rows, batch_size: int, accumulation: int) -> tuple[dict[str, torch.Tensor], float]:
+    """One plain `transformers.Trainer` SGD step (lr 1, no clipping) over `rows`: parameters after it and the loss."""
+    args = TrainingArguments(
+        output_dir=str(tmp_path / f"b{batch_size}x{accumulation}"),
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=accumulation,
+        max_steps=1,
+        learning_rate=1.0,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    result = Trainer(model=model, args=args, train_dataset=rows).train()
+    return {name: p.detach().clone() for name, p in model.named_parameters()}, result.training_loss
+
+
+@pytest.mark.parametrize("router_losses", [False, True])
+def test_trainer_gradient_accumulation_matches_the_full_batch(tmp_path, router_losses):
+    # 1, 2, 4 and 8 scored positions: however the sampler pairs the rows, the two micro-batches count different
+    # numbers of labels, so a per-micro-batch mean (or a sum of means) gives other gradients than one batch of 4.
+    x = ids(4, 12, seed=7)
+    if router_losses:
+        # The router losses see only the inputs: with one unmasked input row repeated, every micro-batch's router
+        # loss equals the full batch's, so accumulation must add it once in total (weighted by the label shares).
+        x = x[:1].expand(4, -1).clone()
+    rows = []
+    for row, count in zip(x, (1, 2, 4, 8)):
+        labels = torch.full_like(row, -100)
+        labels[:count] = row[:count]
+        inputs = row if router_losses else row.masked_fill(labels != -100, 126)
+        rows.append({"input_ids": inputs, "labels": labels})
+    overrides = dict(output_router_logits=router_losses, router_aux_loss_coef=0.5, router_z_loss_coef=0.1)
+    before = tiny_model(seed=3, **overrides).model.layers[0].mlp.gate.weight.detach().clone()
+    full, full_loss = trainer_step(tmp_path, tiny_model(seed=3, **overrides).train(), rows, 4, 1)
+    accumulated, accumulated_loss = trainer_step(tmp_path, tiny_model(seed=3, **overrides).train(), rows, 2, 2)
+    assert not torch.equal(full["model.layers.0.mlp.gate.weight"], before)  # the step moved the weights
+    for name, value in full.items():
+        torch.testing.assert_close(accumulated[name], value, atol=2e-6, rtol=1e-5, msg=name)
+    assert accumulated_loss == pytest.approx(full_loss, rel=1e-5)
+
+
 def test_gradient_checkpointing_gives_the_same_gradients():
     x, labels = ids(2, 10), ids(2, 10, seed=5)
     grads = []
@@ -190,6 +260,23 @@ def test_logits_to_keep_and_hidden_states():
     assert len(out.hidden_states) == 3
     torch.testing.assert_close(out.logits, model(ids()).logits[:, -3:], atol=1e-6, rtol=0)
     assert isinstance(model(ids(), return_dict=False), tuple)
+
+
+def test_signatures_tell_transformers_what_the_model_supports():
+    # transformers reads these by introspection: typed `**kwargs` (output_attentions, num_items_in_batch, ...), the
+    # output class of the LM (router_logits), and a RoPE module built from `config` (and an optional `device`).
+    for model_class in (LLaDAMoEModel, LLaDAMoEForMaskedLM):
+        kwargs = inspect.signature(model_class.forward).parameters["kwargs"].annotation
+        (typed,) = kwargs.__args__
+        assert {"output_attentions", "output_hidden_states"} <= set(typed.__annotations__), model_class
+    assert "num_items_in_batch" in typed.__annotations__
+    output = LLaDAMoEForMaskedLM.forward.__annotations__["return"]
+    assert output is LLaDAMoEMaskedLMOutput and "router_logits" in output.__dataclass_fields__
+    rope = LLaDAMoERotaryEmbedding(tiny_config(), device="cpu")
+    assert rope.inv_freq.device.type == "cpu"
+    torch.testing.assert_close(rope.inv_freq, tiny_model().model.rotary_emb.inv_freq)
+    model = tiny_model()
+    assert model.loss_type == "ForMaskedLM" and model.loss_function is masked_lm_loss
 
 
 def test_auto_classes_are_registered(tmp_path):

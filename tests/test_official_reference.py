@@ -1,15 +1,18 @@
 """Checks that the independent reference in ``official_reference.py`` reproduces the official LLaDA-MoE code.
 
-The fixture ``shared/fixtures/official_small`` (beside the repository) holds a small random checkpoint in the
-official layout and the logits the official model produced from it. The official model ignores
+The fixture ``tests/data/official_small`` holds a small random checkpoint in the official layout and the logits the
+official model produced from it. The official model ignores
 ``attention_mask`` (there is no padded official output), so padding is checked as "padded row == the same row
 alone" on a generated tiny model instead.
 """
 
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import OFFICIAL_SMALL
 from official_reference import (
     load_official_checkpoint,
     official_config_dict,
@@ -18,17 +21,23 @@ from official_reference import (
 )
 
 
-FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "official_small"
-
-
 @pytest.fixture(scope="module")
 def official_small():
-    """Return ``(config, state_dict, expected)`` for the official_small fixture, or skip if it is absent."""
-    if not (FIXTURE / "expected.pt").is_file():
-        pytest.skip(f"official_small fixture not found at {FIXTURE} (expected ../shared beside the repository)")
-    config, state_dict = load_official_checkpoint(FIXTURE)
-    expected = torch.load(FIXTURE / "expected.pt", weights_only=True)
+    """Return ``(config, state_dict, expected)`` for the official_small fixture."""
+    config, state_dict = load_official_checkpoint(OFFICIAL_SMALL)
+    expected = torch.load(OFFICIAL_SMALL / "expected.pt", weights_only=True)
     return config, state_dict, expected
+
+
+def test_fixture_ships_inside_the_repository():
+    # From a fresh clone the parity tests must run, not skip: the recorded data lives in tests/data, tracked by git.
+    root = Path(__file__).resolve().parents[1]
+    assert OFFICIAL_SMALL.is_relative_to(root / "tests" / "data")
+    files = sorted(path.name for path in OFFICIAL_SMALL.iterdir())
+    assert {"config.json", "expected.pt", "model.safetensors.index.json", "README.md"} <= set(files)
+    if shutil.which("git") and (root / ".git").exists():
+        ignored = subprocess.run(["git", "check-ignore", *files], cwd=OFFICIAL_SMALL, capture_output=True, text=True)
+        assert ignored.returncode == 1 and not ignored.stdout, f"git ignores {ignored.stdout}"
 
 
 @torch.no_grad()

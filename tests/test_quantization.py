@@ -114,7 +114,9 @@ def test_generation_runs_quantized(saved_model, mode):
     model = load_quantized(saved_model[0], device_map="cpu", **MODES[mode])
     out = model.diffusion_generate(ids()[:, :5], max_new_tokens=8, block_length=4, return_dict_in_generate=True)
     assert out.sequences.shape == (2, 13) and not (out.sequences == 126).any()
-    cached = model.diffusion_generate(ids()[:, :5], max_new_tokens=8, block_length=4, threshold=0.5, use_cache="dual")
+    cached = model.diffusion_generate(
+        ids()[:, :5], max_new_tokens=8, block_length=4, threshold=0.5, cache_implementation="dual"
+    )
     assert not (cached == 126).any()
 
 

@@ -8,7 +8,7 @@ from conftest import tiny_model, tiny_tokenizer
 from datasets import Dataset
 
 from benchmarks.tiny_task import reversal_examples
-from modeling_llada_moe.forward_process import bernoulli_mask, sample_noise_levels
+from modeling_llada_moe.forward_process import bernoulli_mask, example_generator
 from trl_ext import TRAINING_CHAT_TEMPLATE_PATH, DataCollatorForDiffusionSFT, DiffusionSFTConfig, DiffusionSFTTrainer
 
 
@@ -48,22 +48,32 @@ def trainer_for(tmp_path, model=None, **overrides):
 # --- the loss ------------------------------------------------------------------------------------------------------
 
 
+def training_draws(trainer, targets, supervised):
+    """The documented per-row draws of a training step: row i of step s draws u, then its mask, from
+    `example_generator(seed, [0, s, process, i])`; t = (1 - eps) u + eps."""
+    noise, masked = [], []
+    for row in range(targets.shape[0]):
+        generator = example_generator(trainer.args.seed, [0, trainer.state.global_step, 0, row])
+        t = (1 - 1e-3) * torch.rand((), generator=generator) + 1e-3
+        _, row_masked = bernoulli_mask(targets[row : row + 1], supervised[row : row + 1], t[None], MASK, generator)
+        noise.append(t)
+        masked.append(row_masked)
+    return torch.stack(noise), torch.cat(masked)
+
+
 @pytest.mark.parametrize("normalization", ["answer_length", "supervised_tokens", "batch", "all_tokens"])
 def test_loss_equals_an_independent_computation(tmp_path, normalization):
     trainer = trainer_for(tmp_path, loss_normalization=normalization, load_balance_coef=0.0, z_loss_coef=0.0)
-    model = trainer.model
+    model = trainer.model.train()
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
     batch["labels"][1, -1] = -100  # a row whose response does not reach the end
-    torch.manual_seed(123)
     loss = trainer.compute_loss(model, dict(batch))
 
-    # Same seed, same draws: the noise levels and the mask, then the loss from the full logits by hand.
-    torch.manual_seed(123)
+    # The same per-row draws, then the loss from the full logits by hand.
     supervised = batch["labels"] != -100
     targets = torch.where(supervised, batch["labels"], batch["input_ids"])
-    t = sample_noise_levels(4, None, 1e-3)
-    noisy, masked = bernoulli_mask(targets, supervised, t, MASK)
-    logits = model(noisy, attention_mask=batch["attention_mask"]).logits
+    t, masked = training_draws(trainer, targets, supervised)
+    logits = model(targets.masked_fill(masked, MASK), attention_mask=batch["attention_mask"]).logits
     nll = -torch.log_softmax(logits.float(), -1).gather(-1, targets[..., None]).squeeze(-1)
     weighted = torch.where(masked, nll, 0.0) / t[:, None]
     expected = {
@@ -77,29 +87,30 @@ def test_loss_equals_an_independent_computation(tmp_path, normalization):
 
 def test_router_losses_are_added_with_their_coefficients(tmp_path):
     trainer = trainer_for(tmp_path, load_balance_coef=0.5, z_loss_coef=0.25)
+    trainer.model.train()
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
-    torch.manual_seed(0)
     with_aux = trainer.compute_loss(trainer.model, dict(batch))
     trainer.args.load_balance_coef = trainer.args.z_loss_coef = 0.0
-    torch.manual_seed(0)
-    without = trainer.compute_loss(trainer.model, dict(batch))
-    torch.manual_seed(0)
+    without = trainer.compute_loss(trainer.model, dict(batch))  # the same draws: they do not depend on the RNG
     supervised = batch["labels"] != -100
     targets = torch.where(supervised, batch["labels"], batch["input_ids"])
-    noisy, _ = bernoulli_mask(targets, supervised, sample_noise_levels(4, None, 1e-3), MASK)
-    out = trainer.model(noisy, attention_mask=batch["attention_mask"], output_router_logits=True)
+    _, masked = training_draws(trainer, targets, supervised)
+    out = trainer.model(
+        targets.masked_fill(masked, MASK), attention_mask=batch["attention_mask"], output_router_logits=True
+    )
     torch.testing.assert_close(with_aux - without, 0.5 * out.aux_loss + 0.25 * out.z_loss, atol=1e-5, rtol=1e-5)
 
 
 def test_masks_never_touch_prompt_tokens(tmp_path):
     trainer = trainer_for(tmp_path)
+    trainer.model.train()
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
     seen = []
     handle = trainer.model.register_forward_pre_hook(
         lambda module, args, kwargs: seen.append(kwargs["input_ids"].clone()), with_kwargs=True
     )
-    for seed in range(30):
-        torch.manual_seed(seed)
+    for step in range(30):
+        trainer.state.global_step = step  # each step draws new masks
         trainer.compute_loss(trainer.model, dict(batch))
     handle.remove()
     prompt = batch["labels"] == -100
@@ -126,9 +137,11 @@ def test_collator_pads_with_a_supervised_eos_tail():
     assert batch["input_ids"].tolist() == [[1, 2, 3, 4], [5, 6, EOS, EOS], [7, 8, 9, EOS]]
     assert batch["labels"].tolist() == [[-100, -100, 3, 4], [-100, 6, EOS, EOS], [-100, 8, -100, -100]]
     assert batch["attention_mask"].tolist() == [[1] * 4] * 3  # the EOS tail is visible
-    cropped = DataCollatorForDiffusionSFT(eos_token_id=EOS, random_length_prob=1.0)
     features = [{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}, {"input_ids": list(range(1, 9)), "labels": [5] * 8}]
-    batches = [cropped(features) for _ in range(60)]
+    croppers = [DataCollatorForDiffusionSFT(eos_token_id=EOS, random_length_prob=1.0, seed=seed) for seed in range(60)]
+    batches = [cropped(features) for cropped in croppers]
+    # The crop is a function of (seed, the batch), not of the global RNG.
+    assert all(torch.equal(cropped(features)["input_ids"], b["input_ids"]) for cropped, b in zip(croppers, batches))
     assert {b["input_ids"].shape[1] for b in batches} == set(range(2, 9))  # every prompt + 1 response token kept
     for b in batches:
         width = b["input_ids"].shape[1]
@@ -196,7 +209,7 @@ def test_resume_from_checkpoint_continues_exactly(tmp_path):
     resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
     assert resumed.state.global_step == 6
     for name, param in straight.model.named_parameters():
-        torch.testing.assert_close(resumed.model.get_parameter(name), param, atol=1e-6, rtol=1e-5, msg=name)
+        assert torch.equal(resumed.model.get_parameter(name), param), name  # bit-exact
 
 
 def test_lora_trains_adapters_only(tmp_path):

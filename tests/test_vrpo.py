@@ -603,7 +603,7 @@ def test_resume_from_checkpoint_continues_exactly(tmp_path):
     resumed = run(tmp_path / "first", 4, resume=str(tmp_path / "first" / "checkpoint-2"))
     assert resumed.state.global_step == 4
     for (name, a), b in zip(straight.model.named_parameters(), resumed.model.parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+        assert torch.equal(a, b), name  # bit-exact: the masks depend on the example and the epoch only
 
 
 def test_gradient_checkpointing_matches_and_router_losses_are_logged(tmp_path):

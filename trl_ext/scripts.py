@@ -1,12 +1,15 @@
-"""Loading for the TRL-style training scripts (`examples/sft.py`, `examples/vrpo.py`): data and model from their
-command-line arguments."""
+"""Loading for the TRL-style training scripts (`examples/sft.py`, `examples/vrpo.py`): data, model and tokenizer from
+their command-line arguments, and the checks that TRL's script flags are honoured, never silently ignored."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import huggingface_hub
 import torch
 from datasets import Dataset, load_dataset
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+from transformers import TrainingArguments
 from trl import ModelConfig, ScriptArguments
 
 from modeling_llada_moe import LLaDAMoEForMaskedLM
@@ -15,21 +18,95 @@ from modeling_llada_moe import LLaDAMoEForMaskedLM
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
-def load_script_dataset(script_args: ScriptArguments) -> Dataset:
-    """`--dataset_name`: a local json/jsonl/csv/parquet file, or a Hub dataset (with `--dataset_config`, split
-    `--dataset_train_split`)."""
+def load_script_dataset(script_args: ScriptArguments, split: str | None = None) -> Dataset:
+    """`--dataset_name`: a local json/jsonl/csv/parquet file (one split, "train"), or a Hub dataset or local dataset
+    folder (with `--dataset_config`), split `split` (default `--dataset_train_split`)."""
+    split = split or script_args.dataset_train_split
     path = Path(script_args.dataset_name)
     if path.suffix in LOCAL_FORMATS and path.is_file():
+        if split != "train":
+            raise ValueError(
+                f"split {split!r}: --dataset_name {path} is a single file, whose only split is 'train'; put the "
+                "splits in a folder (train.jsonl, test.jsonl, ...) or a Hub dataset"
+            )
         return load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train")
-    return load_dataset(script_args.dataset_name, script_args.dataset_config, split=script_args.dataset_train_split)
+    return load_dataset(script_args.dataset_name, script_args.dataset_config, split=split)
+
+
+def load_script_eval_dataset(script_args: ScriptArguments, training_args: TrainingArguments) -> Dataset | None:
+    """`--dataset_test_split` of `--dataset_name` when evaluation is on (`--eval_strategy` other than "no"), as TRL's
+    scripts do; None otherwise."""
+    if training_args.eval_strategy == "no":
+        return None
+    return load_script_dataset(script_args, split=script_args.dataset_test_split)
+
+
+def model_load_kwargs(model_args: ModelConfig) -> dict:
+    """`--model_revision` and `--attn_implementation` as `from_pretrained` keywords. A revision other than "main" of
+    a local folder is refused: a folder has no revisions, so it would be ignored."""
+    if model_args.model_revision != "main" and Path(model_args.model_name_or_path).is_dir():
+        raise ValueError(
+            f"--model_revision {model_args.model_revision}: --model_name_or_path {model_args.model_name_or_path} is "
+            "a local folder, which has no revisions"
+        )
+    kwargs = {"revision": model_args.model_revision}
+    if model_args.attn_implementation is not None:
+        kwargs["attn_implementation"] = model_args.attn_implementation
+    return kwargs
 
 
 def load_script_model(model_args: ModelConfig) -> LLaDAMoEForMaskedLM:
-    """`--model_name_or_path` as LLaDA-MoE: 4/8-bit through `quantization.load_quantized` with `--load_in_4bit` /
-    `--load_in_8bit`, otherwise in `--dtype` (default: the checkpoint's)."""
+    """`--model_name_or_path` as LLaDA-MoE (at `--model_revision`, with `--attn_implementation`): 4/8-bit through
+    `quantization.load_quantized` with `--load_in_4bit` / `--load_in_8bit`, otherwise in `--dtype` (default: the
+    checkpoint's)."""
+    kwargs = model_load_kwargs(model_args)
     if model_args.load_in_4bit or model_args.load_in_8bit:
         from quantization import load_quantized
 
-        return load_quantized(model_args.model_name_or_path, bits=4 if model_args.load_in_4bit else 8)
+        return load_quantized(model_args.model_name_or_path, bits=4 if model_args.load_in_4bit else 8, **kwargs)
     dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
-    return LLaDAMoEForMaskedLM.from_pretrained(model_args.model_name_or_path, dtype=dtype or "auto")
+    return LLaDAMoEForMaskedLM.from_pretrained(model_args.model_name_or_path, dtype=dtype or "auto", **kwargs)
+
+
+def load_script_tokenizer(model_args: ModelConfig):
+    """The tokenizer of `--model_name_or_path` at `--model_revision`."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(
+        model_args.model_name_or_path, revision=model_load_kwargs(model_args)["revision"]
+    )
+
+
+def check_tiny_demo_flags(model_args: ModelConfig, script_args: ScriptArguments | None = None) -> None:
+    """The offline `--tiny` demo builds its model and data in memory: loading flags would be ignored, so refuse them."""
+    if model_args.model_name_or_path or (script_args is not None and script_args.dataset_name):
+        raise ValueError("--tiny builds its own model and data: drop --model_name_or_path / --dataset_name")
+    if model_args.model_revision != "main":
+        raise ValueError(f"--model_revision {model_args.model_revision}: the --tiny demo loads no model")
+    if model_args.load_in_4bit or model_args.load_in_8bit:
+        raise ValueError("--load_in_4bit / --load_in_8bit: the --tiny demo loads no model to quantize")
+
+
+def check_push_to_hub(training_args: TrainingArguments) -> None:
+    """With `--push_to_hub`, fail before training rather than after it: offline mode, no token, or an invalid
+    `--hub_model_id` (default: the name of `--output_dir`) raise a ValueError saying what to do."""
+    if not training_args.push_to_hub:
+        return
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        raise ValueError("--push_to_hub: HF_HUB_OFFLINE is set, so nothing can be pushed; unset it or drop the flag")
+    if not (training_args.hub_token or huggingface_hub.get_token()):
+        raise ValueError(
+            "--push_to_hub needs a Hugging Face token with write access: run `hf auth login`, set HF_TOKEN, or pass "
+            "--hub_token"
+        )
+    repo_id = training_args.hub_model_id or Path(training_args.output_dir).absolute().name
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise ValueError(f"--hub_model_id {repo_id!r} is not a valid Hub repository id: {error}") from error
+
+
+def set_attn_implementation(model, model_args: ModelConfig) -> None:
+    """`--attn_implementation` on a model built in memory (the `--tiny` demos)."""
+    if model_args.attn_implementation is not None:
+        model.set_attn_implementation(model_args.attn_implementation)

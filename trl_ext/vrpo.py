@@ -350,11 +350,16 @@ class VRPOTrainer(DPOTrainer):
     `elbo/{chosen,rejected}`, `vrpo/score_std` (std over the MC samples of the per-sample preference score; not with
     precomputed reference ELBOs), `vrpo/num_mc_samples`, and `aux/load_balance` / `aux/z_loss` when weighted.
     Evaluation computes the same loss with fixed masks; there are no causal logits, so `compute_metrics` is refused.
+
+    Gradient accumulation: the loss is the sum over a micro-batch's pairs divided by the pairs of the whole optimizer
+    step (`num_items_in_batch`, all processes with `average_tokens_across_devices`), and masks depend on the example
+    only, so k micro-batches give the update of one batch of the same pairs, also when the last one is shorter (MoE
+    router losses are per micro-batch means averaged over the step).
     """
 
-    loss_is_scaled_for_ga = False  # a per-micro-batch mean: Trainer divides by the accumulation steps
+    loss_is_scaled_for_ga = True  # compute_loss divides by the whole step's pairs (`num_items_in_batch`)
 
-    _tag_names = ["trl", "vrpo", "llada-moe"]
+    _tag_names = ["trl", "vrpo", "dpo", "diffusion", "llada", "llada-moe"]
     _name = "VRPO"
     _paper = {
         "title": "LLaDA 1.5: Variance-Reduced Preference Optimization for Large Language Diffusion Models",
@@ -526,7 +531,27 @@ class VRPOTrainer(DPOTrainer):
 
     # ---- loss ----
 
-    def _compute_loss(self, model, inputs, return_outputs):
+    def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
+        """The micro-batches of one optimizer step and `num_items_in_batch`: their number of preference pairs."""
+        batches = []
+        for _ in range(num_batches):
+            try:
+                batches.append(next(epoch_iterator))
+            except StopIteration:
+                break
+        if not batches:
+            return batches, None
+        pairs = torch.tensor(sum(batch["input_ids"].shape[0] // 2 for batch in batches), device=device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            pairs = self.accelerator.gather(pairs).sum()
+        return batches, pairs
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The micro-batch's share of the VRPO loss: Σ pairs -log σ(score) / `num_items_in_batch` (the optimizer
+        step's pairs); without it (evaluation, direct calls) the mean over the micro-batch's pairs."""
+        return self._compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def _compute_loss(self, model, inputs, return_outputs, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
         args: VRPOConfig = self.args
         draw_round = self._draw_round()
@@ -548,9 +573,16 @@ class VRPOTrainer(DPOTrainer):
         chosen_logratios = chosen_elbo - ref_chosen_elbo
         rejected_logratios = rejected_elbo - ref_rejected_elbo
         scores = self.beta * (chosen_logratios - rejected_logratios)
-        loss = -F.logsigmoid(scores).mean() * self.loss_weights[0]
+        pairs = scores.shape[0] if num_items_in_batch is None else num_items_in_batch
+        loss = -F.logsigmoid(scores).sum() / torch.as_tensor(pairs, device=scores.device) * self.loss_weights[0]
+        if num_items_in_batch is not None and args.average_tokens_across_devices:
+            # `num_items_in_batch` counts every process's pairs and DDP averages the gradients over processes.
+            loss = loss * self.accelerator.num_processes
         if router_losses:
-            loss = loss + args.load_balance_coef * outputs.aux_loss + args.z_loss_coef * outputs.z_loss
+            router_loss = args.load_balance_coef * outputs.aux_loss + args.z_loss_coef * outputs.z_loss
+            loss = loss + router_loss / (
+                self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+            )
 
         with torch.no_grad():
             metrics = self._metrics[mode]

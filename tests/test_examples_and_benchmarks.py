@@ -63,6 +63,16 @@ def test_forward_benchmark_prints_its_table():
     assert len(lines) == 4 and all(name in out for name in ("eager", "grouped_mm", "batched_mm"))
 
 
+def test_gpu_suite_sections_run_in_smoke_mode():
+    # The two measurements the suite makes itself, on the tiny shape (the others are existing scripts).
+    steps = table_rows(run("-m", "benchmarks.gpu_suite", "--smoke", "--repeats", "1", "--section", "block-steps"))
+    assert set(steps) >= {"none", "prefix", "dual"} and steps["dual"][0] == "8"
+    assert all(float(steps[mode][1]) > 0 for mode in ("none", "prefix", "dual"))
+    memory = table_rows(run("-m", "benchmarks.gpu_suite", "--smoke", "--section", "nf4-memory"))
+    weights = memory["NF4 weights + quantization state (memory_report)"][0]
+    assert float(weights) > 0 and weights == memory["estimate_memory(config, 4)"][0]
+
+
 def test_quantized_inference_example():
     estimate = run("examples/quantized_inference.py", "--estimate")
     assert "| nf4 + dq | 4.43 |" in estimate

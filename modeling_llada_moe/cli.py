@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import re
 import runpy
 import sys
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase, TextStreamer
+from transformers import AutoModel, PreTrainedTokenizerBase, TextStreamer
 
 from .configuration_llada_moe import LLaDAMoEConfig
 from .generation_utils import REMASKING_STRATEGIES, DiffusionGenerationConfig
@@ -31,12 +32,16 @@ from .inference import (
     DTYPES,
     END_OF_TURN,
     check_messages,
+    check_model_folder,
     check_model_source,
     decode_completion,
     encode_prompt,
     end_of_turn_ids,
+    has_tokenizer_files,
+    is_local_folder,
     load_model_and_tokenizer,
 )
+from .inference import load_tokenizer as load_tokenizer_folder
 from .modeling_llada_moe import LLaDAMoEForMaskedLM
 
 
@@ -67,10 +72,14 @@ PLAIN_DECODING_FIELDS = (
 
 
 def _number(text: str, kind: type, accepted: str, ok) -> Any:
+    """`text` as `kind`; not a number, a non-finite float (`inf`, `nan`) or a value `ok` refuses is an argparse error
+    (exit 2) naming the flag."""
     try:
         value = kind(text)
-    except ValueError:
+    except (ValueError, OverflowError):
         value = None
+    if kind is float and value is not None and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not finite; expected {accepted}")
     if value is None or not ok(value):
         raise argparse.ArgumentTypeError(f"{text!r} is not {accepted}")
     return value
@@ -90,6 +99,27 @@ def positive_float(text: str) -> float:
 
 def unit_interval(text: str) -> float:
     return _number(text, float, "a number in (0, 1]", lambda v: 0 < v <= 1)
+
+
+def seed_value(text: str) -> int:
+    return _number(text, int, "an integer in [0, 2**64)", lambda v: 0 <= v < 2**64)
+
+
+def token_id(text: str) -> int:
+    return _number(text, int, "a token id (an integer >= 0)", lambda v: v >= 0)
+
+
+def shard_size(text: str) -> str | int:
+    """`--max-shard-size`: a size such as 5GB, 500MB or a byte count."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    try:
+        size = convert_file_size_to_int(text if not text.isdigit() else int(text))
+    except (ValueError, TypeError):
+        size = None
+    if not isinstance(size, int) or size <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 5GB, 500MB or a positive byte count")
+    return int(text) if text.isdigit() else text
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -148,7 +178,9 @@ def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="TEXT",
         help=f"stop string (repeatable); {END_OF_TURN} is added when the vocabulary has it",
     )
-    group.add_argument("--seed", type=int, help="seed of the sampling generator (--temperature > 0, random remasking)")
+    group.add_argument(
+        "--seed", type=seed_value, help="seed of the sampling generator (--temperature > 0, random remasking)"
+    )
 
 
 def decoding_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -178,7 +210,7 @@ def generation_config(
     try:
         # The same copy-override-validate `diffusion_generate` applies to its keyword arguments.
         return model._resolve_generation_config(None, kwargs)
-    except ValueError as err:
+    except (ValueError, TypeError) as err:
         flags = {name: "--" + name.replace("_", "-") for name in PLAIN_DECODING_FIELDS}
         flags.update(use_cache="--cache", cache_implementation="--cache")
         message = re.sub(r"`(\w+)`", lambda m: flags.get(m.group(1), m.group(0)), str(err))
@@ -406,14 +438,21 @@ def run_chat(args: argparse.Namespace) -> int:
 
 
 def load_tokenizer(args: argparse.Namespace, config: LLaDAMoEConfig) -> PreTrainedTokenizerBase | None:
-    """The tokenizer of `--tokenizer` (default: the source), or None with a warning when the source has none."""
+    """The tokenizer of `--tokenizer` (default: the source), or None with a warning when the source has none (a
+    local source without tokenizer files, or a Hub repo without one). A tokenizer that is there but does not load
+    (a corrupt file) is a `ValueError` naming the folder or file: converting without it would lose it silently."""
     source = args.tokenizer or args.source
+    local_without_tokenizer = is_local_folder(source) and not has_tokenizer_files(source)
     try:
+        if args.tokenizer is None and local_without_tokenizer:
+            raise OSError(f"{source!r} holds no tokenizer files")
         # `config=`: AutoTokenizer would otherwise read the official config.json, which names remote code.
-        return AutoTokenizer.from_pretrained(source, config=config, trust_remote_code=args.trust_remote_code)
+        return load_tokenizer_folder(source, config=config, trust_remote_code=args.trust_remote_code)
     except (OSError, ValueError) as err:
         if args.tokenizer is not None:
             raise ValueError(f"--tokenizer {args.tokenizer!r}: could not load a tokenizer ({err})") from err
+        if is_local_folder(source) and not local_without_tokenizer:
+            raise ValueError(f"the source's tokenizer does not load: {err}; fix it or pass --tokenizer PATH") from err
         print(
             f"warning: no tokenizer found in {source!r}; the folder holds the model only (pass --tokenizer PATH)",
             file=sys.stderr,
@@ -463,18 +502,49 @@ def check_repo_id(repo_id: str) -> None:
         print("note: no Hugging Face token found; the folder will be saved but not pushed", file=sys.stderr)
 
 
+def special_ids(*configs) -> dict[str, int]:
+    """{"pad_token_id": id, "eos_token_id": id, ...} of the pad and EOS ids the configs set (EOS may be a list)."""
+    ids = {}
+    for config in configs:
+        for name in ("pad_token_id", "eos_token_id"):
+            value = getattr(config, name, None)
+            for one in value if isinstance(value, (list, tuple)) else [value]:
+                if isinstance(one, int) and not isinstance(one, bool):
+                    ids.setdefault(f"{name}={one}", one)
+    return ids
+
+
+def check_mask_token_id(mask_token_id: int | None, vocab_size: int, flagged: bool, *configs) -> None:
+    """The mask id must be in the vocabulary and differ from the pad and EOS ids (it would be written into answers
+    and never be committed)."""
+    where = "--mask-token-id" if flagged else "mask_token_id"
+    if mask_token_id is None or not 0 <= mask_token_id < vocab_size:
+        raise ValueError(
+            f"{where}={mask_token_id} is not in the vocabulary [0, {vocab_size}); pass "
+            "--mask-token-id ID (the official config.json has no mask id; the 7B's <|mask|> is 156895)"
+        )
+    for name, value in special_ids(*configs).items():
+        if value == mask_token_id:
+            raise ValueError(
+                f"{where}={mask_token_id} equals {name.split('=')[0]}; the mask id must differ from the pad and EOS ids"
+            )
+
+
 def run_convert(args: argparse.Namespace) -> int:
     check_model_source(args.source)
     destination = check_destination(args)
     if args.push_to_hub is not None:
         check_repo_id(args.push_to_hub)
+    if is_local_folder(args.source):
+        check_model_folder(args.source)
     overrides = {} if args.mask_token_id is None else {"mask_token_id": args.mask_token_id}
     config = LLaDAMoEConfig.from_pretrained(args.source, **overrides)
-    if config.mask_token_id is None or not 0 <= config.mask_token_id < config.vocab_size:
-        raise ValueError(
-            f"mask_token_id={config.mask_token_id} is not in the vocabulary [0, {config.vocab_size}); pass "
-            "--mask-token-id ID (the official config.json has no mask id; the 7B's <|mask|> is 156895)"
-        )
+    source_generation = DiffusionGenerationConfig.from_model_config(config)
+    if is_local_folder(args.source) and (Path(args.source).expanduser() / "generation_config.json").is_file():
+        source_generation = DiffusionGenerationConfig.from_pretrained(args.source)
+    check_mask_token_id(
+        config.mask_token_id, config.vocab_size, args.mask_token_id is not None, config, source_generation
+    )
     tokenizer = load_tokenizer(args, config)
 
     input_ids, expected = verify_input(config.vocab_size), None
@@ -488,7 +558,8 @@ def run_convert(args: argparse.Namespace) -> int:
         if not args.no_verify:
             with torch.no_grad():
                 expected = model(input_ids).logits
-    if model.generation_config.mask_token_id is None:
+    if args.mask_token_id is not None or model.generation_config.mask_token_id is None:
+        # --mask-token-id goes into generation_config.json too: generation reads the mask id from there first.
         model.generation_config.mask_token_id = model.config.mask_token_id
     model.save_pretrained(destination, **({"max_shard_size": args.max_shard_size} if args.max_shard_size else {}))
     if tokenizer is not None:
@@ -630,13 +701,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     convert.add_argument(
         "--mask-token-id",
-        type=int,
+        type=token_id,
         metavar="ID",
         help="mask token id to record (the official config.json has none; the 7B default 156895 applies)",
     )
     convert.add_argument("--tokenizer", help="tokenizer to copy (default: the source's)")
     convert.add_argument("--trust-remote-code", action="store_true", help="allow the tokenizer's own code")
-    convert.add_argument("--max-shard-size", metavar="SIZE", help="e.g. 5GB (default: transformers')")
+    convert.add_argument("--max-shard-size", type=shard_size, metavar="SIZE", help="e.g. 5GB (default: transformers')")
     convert.add_argument("--overwrite", action="store_true", help="write into a non-empty destination")
     convert.add_argument("--no-verify", action="store_true", help="skip the trust_remote_code reload check")
     convert.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the folder to this Hub repo (needs a token)")
@@ -667,7 +738,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError) as err:  # bad input: flags, paths, generation settings
+    except (ValueError, TypeError, FileNotFoundError) as err:  # bad input: flags, paths, configs, generation settings
         print(f"error: {err}", file=sys.stderr)
         return 2
     except (OSError, ImportError) as err:  # could not run: no network, a missing optional dependency

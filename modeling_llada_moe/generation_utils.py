@@ -10,20 +10,30 @@ step split, confidences in the logits dtype, per-row top-k over the whole row wi
 works), and follows transformers' diffusion conventions (DiffusionGemma): `logits_processor` acts on every step's
 logits, `stopping_criteria` are checked once a block is final, and a streamer gets `put_draft(block)` after every
 denoising step and `put(block)` once the block is final.
+
+Guarantees, in every mode (reference, threshold, factor, caches, CFG, sampling, batches): the mask token is never
+proposed (its logit is -inf for proposals; confidences still use the model's whole distribution, as the reference
+does, so its rankings are unchanged); threshold / factor steps commit at least one masked position of every
+unfinished row, and a block gets at most its length + `FORWARD_CAP_MARGIN` forwards, the last of which commits every
+position left (the threshold / factor ignored); NaN logits, or a position with no token left after `suppress_tokens`
+and a `logits_processor`, raise a `ValueError`; a candidate with a non-finite confidence ranks last. Every argument is
+checked before the first forward: `TypeError` for a wrong type, `ValueError` for a wrong value, naming it.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.generation.logits_process import SuppressTokensLogitsProcessor
-from transformers.utils import ModelOutput
+from transformers.utils import GENERATION_CONFIG_NAME, ModelOutput
 
 from .forward_process import elbo_weighted_nll, mask_target_positions, stratified_mask_counts
 
@@ -77,6 +87,16 @@ DIFFUSION_DEFAULTS: dict[str, Any] = {
 }
 
 
+def is_int(value) -> bool:
+    """An integer that is not a bool (True / False are not token ids or counts)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    """An int or float that is not a bool (finiteness is checked separately)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def split_blocks(max_new_tokens: int, block_length: int) -> list[int]:
     """Block lengths of a canvas: whole blocks of `block_length`, then a shorter last block for the remainder."""
     full, rest = divmod(max_new_tokens, block_length)
@@ -107,7 +127,8 @@ class DiffusionGenerationConfig(GenerationConfig):
             giving both `max_length` and `max_new_tokens` must make them agree.
         steps (`int`, *optional*): total denoising steps; `None` = `max_new_tokens` (one token per step). They are
             split over the blocks in proportion to the block lengths (at least one step per block), so with equal
-            blocks and a multiple of their number each block gets `steps / num_blocks`, as in LLaDA.
+            blocks and a multiple of their number each block gets `steps / num_blocks`, as in LLaDA. At most
+            `max_new_tokens`: every step commits at least one token.
         block_length (`int`, defaults to 32): semi-autoregressive block size. A canvas that is not a whole number of
             blocks ends with a shorter block (e.g. `max_new_tokens=40`: blocks of 32 and 8).
         temperature (`float`, defaults to 0.0): 0 is greedy; > 0 samples with float64 Gumbel-max.
@@ -121,7 +142,7 @@ class DiffusionGenerationConfig(GenerationConfig):
             `"entropy"` (negative entropy).
         threshold (`float`, *optional*): Fast-dLLM parallel decoding: each step commits the most confident masked
             position of the block plus every other one with confidence >= threshold; a block then runs until it is
-            filled, whatever `steps` says.
+            filled, whatever `steps` says (at most its length + 2 forwards: the last one commits every position left).
         factor (`float`, *optional*): Fast-dLLM factor rule: commit the longest confidence-sorted prefix with
             c_i >= 1 - factor / (i + 1) (the first always). Exclusive with `threshold`.
         cache_implementation (`str`, *optional*): the approximate KV cache: `"prefix"` (cache K/V before the block)
@@ -131,8 +152,10 @@ class DiffusionGenerationConfig(GenerationConfig):
             `cache_implementation` says; `True` with no `cache_implementation` means `"prefix"`; unset follows
             `cache_implementation`. The old `use_cache="prefix" | "dual"` still loads, as `cache_implementation`
             with a `FutureWarning`.
-        mask_token_id (`int`, *optional*): defaults to the model config's `mask_token_id`.
-        suppress_tokens (`list[int]`, *optional*): token ids whose logits are set to -inf before sampling.
+        mask_token_id (`int`, *optional*): defaults to the model config's `mask_token_id`. It is never proposed, and
+            a prompt holding it (padding included) is rejected.
+        suppress_tokens (`list[int]`, *optional*): token ids whose logits are set to -inf before sampling; with the
+            mask token they must leave at least one token of the vocabulary.
         confidence_suppress_tokens (`list[int]`, *optional*): token ids (e.g. EOS/EOT) whose probability is removed
             from the confidence softmax, so positions proposing them rank last.
         stop_at_eos (`bool`, defaults to `False`): stop a row once a finished block holds an EOS; the output up to the
@@ -178,8 +201,8 @@ class DiffusionGenerationConfig(GenerationConfig):
     def validate(self, strict: bool = False, user_set_attributes: set[str] | None = None) -> None:
         """Raise `ValueError` naming the field for any setting `diffusion_generate` cannot honour."""
 
-        def fail(field: str, accepted: str) -> None:
-            raise ValueError(f"DiffusionGenerationConfig: `{field}`={getattr(self, field)!r} is invalid; {accepted}.")
+        def fail(field: str, accepted: str, error: type[Exception] = ValueError) -> None:
+            raise error(f"DiffusionGenerationConfig: `{field}`={getattr(self, field)!r} is invalid; {accepted}.")
 
         def positive_int(value) -> bool:
             return isinstance(value, int) and not isinstance(value, bool) and value > 0
@@ -192,6 +215,44 @@ class DiffusionGenerationConfig(GenerationConfig):
                 stacklevel=3,
             )
             self.cache_implementation, self.use_cache = self.use_cache, True
+        for field in ("max_new_tokens", "block_length", "num_return_sequences", "max_length", "steps", "top_k"):
+            value = getattr(self, field, None)
+            if value is not None and not is_int(value):
+                fail(field, "expected a positive integer", TypeError)
+        for field in ("temperature", "top_p", "cfg_scale", "threshold", "factor"):
+            value = getattr(self, field, None)
+            if value is not None and not is_number(value):
+                fail(field, "expected a finite number", TypeError)
+            if value is not None and not math.isfinite(value):
+                fail(field, "expected a finite number")
+        for field in ("stop_at_eos", "output_history", "return_dict_in_generate"):
+            if not isinstance(getattr(self, field), bool):
+                fail(field, "expected True or False", TypeError)
+        if self.do_sample is not None and not isinstance(self.do_sample, bool):
+            fail("do_sample", "expected True, False or None", TypeError)
+        if self.mask_token_id is not None and not is_int(self.mask_token_id):
+            fail("mask_token_id", "expected an integer token id", TypeError)
+        for field in ("pad_token_id", "bos_token_id"):
+            if getattr(self, field, None) is not None and not is_int(getattr(self, field)):
+                fail(field, "expected an integer token id or None", TypeError)
+        eos = self.eos_token_id
+        if eos is not None and not is_int(eos) and not (
+            isinstance(eos, (list, tuple)) and all(is_int(item) for item in eos)
+        ):
+            fail("eos_token_id", "expected an integer token id, a list of them, or None", TypeError)
+        for field in ("suppress_tokens", "confidence_suppress_tokens"):
+            value = getattr(self, field, None)
+            if value is not None and not (
+                isinstance(value, (list, tuple)) and all(is_int(item) for item in value)
+            ):
+                fail(field, "expected a list of integer token ids or None", TypeError)
+        if self.stop_strings is not None:
+            if isinstance(self.stop_strings, str):
+                self.stop_strings = [self.stop_strings]
+            if not isinstance(self.stop_strings, (list, tuple)) or not all(
+                isinstance(item, str) and item for item in self.stop_strings
+            ):
+                fail("stop_strings", "expected a non-empty string or a list of non-empty strings")
         if not positive_int(self.max_new_tokens):
             fail("max_new_tokens", "expected a positive integer")
         if self.max_length is not None and not positive_int(self.max_length):
@@ -200,8 +261,11 @@ class DiffusionGenerationConfig(GenerationConfig):
             fail("block_length", "expected a positive integer")
         if self.steps is not None and (not positive_int(self.steps) or self.steps < self.num_blocks):
             fail("steps", f"expected a positive integer, at least the number of blocks ({self.num_blocks})")
+        if self.steps is not None and self.steps > self.max_new_tokens:
+            # More steps than tokens would run forwards that commit nothing: every step commits at least one.
+            fail("steps", f"expected at most max_new_tokens={self.max_new_tokens} (one token per step)")
         if self.temperature is None or self.temperature < 0:
-            fail("temperature", "expected a float >= 0 (0 = greedy)")
+            fail("temperature", "expected a finite float >= 0 (0 = greedy)")
         if self.do_sample is False and self.temperature > 0:
             fail("do_sample", f"do_sample=False means greedy, but temperature={self.temperature}")
         if self.do_sample is True and self.temperature == 0:
@@ -211,24 +275,22 @@ class DiffusionGenerationConfig(GenerationConfig):
         if self.top_p is not None and (not 0 < self.top_p <= 1 or self.temperature == 0):
             fail("top_p", "expected a float in (0, 1], used only when sampling (temperature > 0)")
         if self.cfg_scale is None or self.cfg_scale < 0:
-            fail("cfg_scale", "expected a float >= 0")
+            fail("cfg_scale", "expected a finite float >= 0")
         if self.remasking not in REMASKING_STRATEGIES:
             fail("remasking", f"expected one of {REMASKING_STRATEGIES}")
         if self.threshold is not None and not 0 < self.threshold <= 1:
             fail("threshold", "expected a float in (0, 1]")
         if self.factor is not None and not self.factor > 0:
-            fail("factor", "expected a positive float")
+            fail("factor", "expected a finite positive float")
         if self.threshold is not None and self.factor is not None:
             fail("factor", "threshold and factor are exclusive parallel-decoding rules")
-        if self.use_cache not in (None, True, False):
+        if self.use_cache is not None and not isinstance(self.use_cache, bool):
             fail("use_cache", f"expected True, False or None (the cache kind is cache_implementation, one of "
                  f"{CACHE_IMPLEMENTATIONS})")
         if self.cache_implementation is not None and self.cache_implementation not in CACHE_IMPLEMENTATIONS:
             fail("cache_implementation", f"expected None (no cache) or one of {CACHE_IMPLEMENTATIONS}")
         if not positive_int(self.num_return_sequences):
             fail("num_return_sequences", "expected a positive integer")
-        if isinstance(self.stop_strings, str):
-            self.stop_strings = [self.stop_strings]
         for field, neutral in AR_ONLY_FIELDS.items():
             if getattr(self, field, None) not in neutral:
                 fail(field, "it applies to autoregressive decoding only (use cfg_scale for guidance)")
@@ -339,6 +401,32 @@ class DiffusionBlockCache(Cache):
             layer.window = (start, end)
 
 
+# Forwards per block in threshold / factor decoding: the block length (one commit per forward at least) plus this.
+FORWARD_CAP_MARGIN = 2
+
+
+def exclude_mask_token(logits: torch.Tensor, mask_id: int, lo: int, hi: int, config) -> torch.Tensor:
+    """`logits` [B, W, V] with the mask token's logit at -inf, so it is never proposed. (Confidences still come from
+    the model's whole distribution, mask token included, as in the LLaDA reference: its rankings stay token-exact.)
+
+    Checks the columns [lo, hi) (the current block): NaN logits or a position where no token is left (every logit
+    -inf, e.g. from a `logits_processor`) raise a `ValueError` instead of decoding garbage or looping."""
+    logits = logits.clone()
+    logits[..., mask_id] = float("-inf")
+    block = logits[:, lo:hi]
+    if torch.isnan(block).any():
+        raise ValueError(
+            f"diffusion_generate: the model's logits hold NaN (cfg_scale={config.cfg_scale}; check a "
+            "logits_processor, the weights and the dtype)"
+        )
+    if torch.isneginf(block.amax(dim=-1)).any():
+        raise ValueError(
+            "diffusion_generate: a position has no token left to propose (every logit is -inf after the mask "
+            "token, suppress_tokens and the logits_processor are applied)"
+        )
+    return logits
+
+
 def transfer_schedule(masked_count: torch.Tensor, steps: int) -> torch.Tensor:
     """Tokens to commit at each of `steps` steps for each row: an even split, remainder on the first steps."""
     base = masked_count[:, None] // steps
@@ -367,7 +455,14 @@ def propose_tokens(
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     device = generator.device if generator is not None else logits.device
     noise = torch.rand(logits.shape, dtype=torch.float64, generator=generator, device=device).to(logits.device)
-    return (logits.exp() / (-torch.log(noise)) ** temperature).argmax(dim=-1)
+    gumbel = -torch.log(noise)
+    proposal = (logits.exp() / gumbel**temperature).argmax(dim=-1)
+    chosen = logits.gather(-1, proposal[..., None]).squeeze(-1)
+    stray = torch.isneginf(chosen)  # exp under/overflow (extreme logits or temperature) picked an excluded token
+    if stray.any():  # the same draw in log space: log(exp(l) / g^T) = l - T log g, excluded tokens kept at -inf
+        keys = (logits - temperature * gumbel.log()).masked_fill(torch.isneginf(logits), float("-inf"))
+        proposal = torch.where(stray, keys.nan_to_num(nan=float("-inf")).argmax(dim=-1), proposal)
+    return proposal
 
 
 def confidence(
@@ -443,6 +538,40 @@ def as_list_of(value, kind: type, name: str):
     return value if isinstance(value, kind) else kind(value)
 
 
+def token_id_sequence(name: str, ids, vocab_size: int, mask_id: int) -> torch.Tensor:
+    """`ids` (a list of ints, or an integer tensor [T] or [1, T]) as a CPU LongTensor [T], checked against the
+    vocabulary: `TypeError` for floats / bools / other types, `ValueError` for other shapes, ids outside [0,
+    vocab_size) and the mask token."""
+    if isinstance(ids, torch.Tensor):
+        if ids.dtype == torch.bool or ids.dtype.is_floating_point or ids.dtype.is_complex:
+            raise TypeError(f"diffusion_loglikelihood: {name} has dtype {ids.dtype}; expected integer token ids")
+        if ids.dim() == 2 and ids.shape[0] == 1:
+            ids = ids[0]
+        if ids.dim() != 1:
+            raise ValueError(
+                f"diffusion_loglikelihood: {name} has shape {tuple(ids.shape)}; expected one sequence, [T] or [1, T] "
+                "(score each row in its own call)"
+            )
+        ids = ids.detach().to("cpu", torch.long)
+    elif isinstance(ids, (list, tuple)):
+        if not all(is_int(item) for item in ids):
+            bad = next(item for item in ids if not is_int(item))
+            raise TypeError(f"diffusion_loglikelihood: {name} holds {bad!r}; expected a list of integer token ids")
+        ids = torch.tensor(list(ids), dtype=torch.long)
+    else:
+        raise TypeError(
+            f"diffusion_loglikelihood: {name} is a {type(ids).__name__}; expected a list of ints or a LongTensor"
+        )
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        outside = ids[(ids < 0) | (ids >= vocab_size)][0].item()
+        raise ValueError(
+            f"diffusion_loglikelihood: {name} holds token id {outside}, outside the vocabulary [0, {vocab_size})"
+        )
+    if (ids == mask_id).any():
+        raise ValueError(f"diffusion_loglikelihood: {name} holds the mask token ({mask_id}); give unmasked text")
+    return ids
+
+
 class DiffusionGenerationMixin:
     """Adds `diffusion_generate`, `generate` and `diffusion_loglikelihood` to a masked-diffusion LM."""
 
@@ -480,8 +609,11 @@ class DiffusionGenerationMixin:
                 revision=revision,
                 subfolder=subfolder,
             )
-        except OSError:  # no generation_config.json: keep the one built from the model config
-            pass
+        except OSError as err:
+            local = Path(pretrained_model_name_or_path, subfolder or "", GENERATION_CONFIG_NAME)
+            if local.is_file():  # there, but unreadable: never fall back to defaults silently
+                raise ValueError(f"'{local}' is a corrupt generation config: {err}") from err
+            # no generation_config.json: keep the one built from the model config
 
     @torch.no_grad()
     def generate(
@@ -642,23 +774,71 @@ class DiffusionGenerationMixin:
         )
 
     def _check_generation_inputs(self, input_ids, attention_mask, config, tokenizer):
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
-            raise ValueError(f"diffusion_generate: input_ids must be a [batch, prompt] LongTensor, got {shape}")
+        """Check the prompt and the token ids of `config` against the model, before any forward pass."""
+        if not isinstance(input_ids, torch.Tensor):
+            raise TypeError(
+                f"diffusion_generate: input_ids must be a [batch, prompt] integer tensor (torch.long), got "
+                f"{type(input_ids).__name__}"
+            )
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(
+                f"diffusion_generate: input_ids has dtype {input_ids.dtype}; expected an integer tensor of token ids "
+                "(torch.long or torch.int32)"
+            )
+        if input_ids.dim() != 2:
+            raise ValueError(
+                f"diffusion_generate: input_ids must be a [batch, prompt] LongTensor, got {tuple(input_ids.shape)}"
+            )
         if input_ids.shape[1] == 0:
             raise ValueError("diffusion_generate: the prompt is empty (input_ids has 0 columns); give >= 1 token")
+        if input_ids.shape[0] == 0:
+            raise ValueError("diffusion_generate: input_ids has 0 rows; give at least one prompt")
         model_config = self.config
+        vocab = model_config.vocab_size
         mask_id = config.mask_token_id if config.mask_token_id is not None else model_config.mask_token_id
-        if mask_id is None or not 0 <= mask_id < model_config.vocab_size:
+        if not is_int(mask_id) or not 0 <= mask_id < vocab:
             raise ValueError(
-                f"diffusion_generate: mask_token_id={mask_id} is not in the vocabulary [0, {model_config.vocab_size})"
+                f"diffusion_generate: mask_token_id={mask_id!r} is not in the vocabulary [0, {vocab})"
                 "; pass mask_token_id= (the official 7B uses 156895)"
+            )
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= vocab:
+            raise ValueError(
+                f"diffusion_generate: input_ids holds token id {low if low < 0 else high}, outside the vocabulary "
+                f"[0, {vocab})"
+            )
+        if (input_ids == mask_id).any():
+            row, col = (input_ids == mask_id).nonzero()[0].tolist()
+            raise ValueError(
+                f"diffusion_generate: input_ids[{row}, {col}] is the mask token ({mask_id}); a prompt (padding "
+                "included) must not contain it: pad with pad_token_id and leave the masks to max_new_tokens"
+            )
+        for field in ("suppress_tokens", "confidence_suppress_tokens"):
+            outside = [token for token in getattr(config, field) or () if not 0 <= token < vocab]
+            if outside:
+                raise ValueError(
+                    f"diffusion_generate: {field}={getattr(config, field)!r} holds {outside}, outside the vocabulary "
+                    f"[0, {vocab})"
+                )
+        suppressed = set(config.suppress_tokens or ()) | {mask_id}
+        if len(suppressed) >= vocab:
+            raise ValueError(
+                f"diffusion_generate: suppress_tokens (with the mask token) cover the whole vocabulary of {vocab}; "
+                "no token could be generated"
+            )
+        if len(suppressed | set(config.confidence_suppress_tokens or ())) >= vocab:
+            raise ValueError(
+                "diffusion_generate: suppress_tokens, confidence_suppress_tokens and the mask token cover the whole "
+                f"vocabulary of {vocab}; confidences would be undefined"
             )
         pad_id = config.pad_token_id if config.pad_token_id is not None else model_config.pad_token_id
         eos = config.eos_token_id if config.eos_token_id is not None else model_config.eos_token_id
         eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         if pad_id is None:
             pad_id = eos_ids[0] if eos_ids else None
+        for name, token in [("pad_token_id", pad_id)] + [("eos_token_id", token) for token in eos_ids]:
+            if token is not None and (not is_int(token) or not 0 <= token < vocab):
+                raise ValueError(f"diffusion_generate: {name}={token!r} is not in the vocabulary [0, {vocab})")
         if pad_id == mask_id:
             raise ValueError(f"diffusion_generate: pad_token_id={pad_id} equals mask_token_id; they must differ")
         if (config.stop_at_eos or config.stop_strings) and pad_id is None:
@@ -675,10 +855,20 @@ class DiffusionGenerationMixin:
             )
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        if not isinstance(attention_mask, torch.Tensor):
+            raise TypeError(
+                f"diffusion_generate: attention_mask must be a tensor of 0/1 like input_ids, got "
+                f"{type(attention_mask).__name__}"
+            )
         if attention_mask.shape != input_ids.shape:
             raise ValueError(
                 f"diffusion_generate: attention_mask has shape {tuple(attention_mask.shape)}, input_ids "
                 f"{tuple(input_ids.shape)}"
+            )
+        if not ((attention_mask == 0) | (attention_mask == 1)).all():
+            values = sorted({float(v) for v in attention_mask.unique().tolist()} - {0.0, 1.0})
+            raise ValueError(
+                f"diffusion_generate: attention_mask holds {values[:5]}; expected only 0 (left padding) and 1 (token)"
             )
         attention_mask = attention_mask.to(device=input_ids.device, dtype=torch.long)
         if (attention_mask[:, 1:] < attention_mask[:, :-1]).any():
@@ -754,6 +944,9 @@ class DiffusionGenerationMixin:
         cache = None
         if config.cache_mode is not None:
             cache = DiffusionBlockCache(config.cache_mode, self.config.num_hidden_layers)
+        # Threshold / factor rules commit at least one position per forward, so `end - start` forwards fill the block;
+        # the cap is a guard: its last forward commits every remaining position (the threshold / factor ignored).
+        max_forwards = end - start + FORWARD_CAP_MARGIN
         step = 0
         while True:
             still_masked = (xs[:, start:end] == mask_id).any(dim=1)
@@ -762,24 +955,28 @@ class DiffusionGenerationMixin:
             logits, window = self._step_logits(xs, masks, prompts, mask_id, cache, step, start, end, config)
             if state["logits_processor"]:
                 logits = process_block_logits(state["logits_processor"], xs, logits, start - window[0], end - window[0])
-            proposal_w = propose_tokens(logits, config.temperature, config.top_k, config.top_p, generator)
+            allowed = exclude_mask_token(logits, mask_id, start - window[0], end - window[0], config)
+            proposal_w = propose_tokens(allowed, config.temperature, config.top_k, config.top_p, generator)
             scores_w = confidence(logits, proposal_w, config.remasking, config.confidence_suppress_tokens, generator)
             proposal = xs.clone()
             proposal[:, window[0] : window[1]] = proposal_w
             scores = torch.full(xs.shape, float("-inf"), dtype=scores_w.dtype, device=xs.device)
             scores[:, window[0] : window[1]] = scores_w
             is_mask = xs == mask_id
-            scores[:, end:] = float("-inf")
-            scores = scores.masked_fill(~is_mask, float("-inf"))
+            candidates = torch.zeros_like(is_mask)
+            candidates[:, start:end] = is_mask[:, start:end]
+            # A candidate's score that is not a number (its softmax undefined, e.g. +inf logits) ranks below every
+            # finite one but above the -inf of the other positions, so the quota / best-first rules still take it.
+            low, high = torch.finfo(scores.dtype).min, torch.finfo(scores.dtype).max
+            scores = torch.where(candidates, scores.nan_to_num(nan=low, posinf=high, neginf=low), float("-inf"))
             proposal = torch.where(is_mask, proposal, xs)
 
-            if parallel:
-                candidates = torch.zeros_like(is_mask)
-                candidates[:, start:end] = is_mask[:, start:end]
-                if config.threshold is not None:
-                    commit = select_by_threshold(scores, candidates, config.threshold)
-                else:
-                    commit = select_by_factor(scores, candidates, config.factor)
+            if parallel and step + 1 >= max_forwards:
+                commit = candidates  # the forward cap: commit the rest of the block now
+            elif config.threshold is not None:
+                commit = select_by_threshold(scores, candidates, config.threshold)
+            elif config.factor is not None:
+                commit = select_by_factor(scores, candidates, config.factor)
             else:
                 commit = select_by_quota(scores, quota[:, step])
 
@@ -797,6 +994,8 @@ class DiffusionGenerationMixin:
             if state["draft_streamer"] is not None:
                 state["draft_streamer"].put_draft(x[:, start:end].cpu())
             step += 1
+        if (xs[:, start:end] == mask_id).any():  # cannot happen: proposals exclude the mask and quotas fill the block
+            raise RuntimeError(f"diffusion_generate: the block [{start}, {end}) still holds mask tokens after decoding")
 
     def _step_logits(self, xs, masks, prompts, mask_id, cache, step, start, end, config):
         """Logits of the columns [window) the step needs, with CFG applied; the window start is its offset."""
@@ -863,18 +1062,39 @@ class DiffusionGenerationMixin:
     ) -> torch.Tensor:
         """Monte-Carlo ELBO estimate of log p(target | prefix) (LLaDA's lm-eval estimator; a lower bound).
 
+        `prefix_ids` / `target_ids`: one sequence each, as a list of ints or an integer tensor of shape [T] (or [1, T],
+        one row); batches are not flattened into one sequence but rejected (score each pair in its own call). Ids must
+        lie in the vocabulary and not be the mask token; prefix + target must fit `max_position_embeddings`.
         `mc_samples` masked copies of prefix+target, `batch_size` per forward, each with a stratified number of
         masked target tokens (never prefix tokens); returns -(mean over copies of the 1/t-weighted masked
         cross-entropy) as a 0-d float tensor. Deterministic for a given `generator`.
         """
         device = self.device
-        prefix = torch.as_tensor(prefix_ids, dtype=torch.long, device=device).reshape(-1)
-        target = torch.as_tensor(target_ids, dtype=torch.long, device=device).reshape(-1)
+        vocab = self.config.vocab_size
+        for name, value in (("mc_samples", mc_samples), ("batch_size", batch_size)):
+            if not is_int(value):
+                raise TypeError(f"diffusion_loglikelihood: {name}={value!r}; expected a positive integer")
+        if not is_number(cfg_scale):
+            raise TypeError(f"diffusion_loglikelihood: cfg_scale={cfg_scale!r}; expected a finite float >= 0")
+        if not math.isfinite(cfg_scale) or cfg_scale < 0:
+            raise ValueError(f"diffusion_loglikelihood: cfg_scale={cfg_scale!r}; expected a finite float >= 0")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"diffusion_loglikelihood: generator={generator!r}; expected a torch.Generator or None")
         mask_id = mask_token_id if mask_token_id is not None else self.config.mask_token_id
-        if mask_id is None or not 0 <= mask_id < self.config.vocab_size:
-            raise ValueError(f"diffusion_loglikelihood: mask_token_id={mask_id} is not in the vocabulary")
+        if not is_int(mask_id) or not 0 <= mask_id < vocab:
+            raise ValueError(
+                f"diffusion_loglikelihood: mask_token_id={mask_id!r} is not in the vocabulary [0, {vocab})"
+            )
+        prefix = token_id_sequence("prefix_ids", prefix_ids, vocab, mask_id).to(device)
+        target = token_id_sequence("target_ids", target_ids, vocab, mask_id).to(device)
         if target.numel() == 0:
             raise ValueError("diffusion_loglikelihood: target_ids is empty")
+        total_length = prefix.numel() + target.numel()
+        if total_length > self.config.max_position_embeddings:
+            raise ValueError(
+                f"diffusion_loglikelihood: prefix ({prefix.numel()}) + target ({target.numel()}) = {total_length} "
+                f"tokens exceed max_position_embeddings={self.config.max_position_embeddings}"
+            )
         if mc_samples < 1 or batch_size < 1 or mc_samples % batch_size:
             raise ValueError(
                 f"diffusion_loglikelihood: mc_samples={mc_samples} must be a positive multiple of "

@@ -4,16 +4,29 @@ into text: the shared plumbing of the `llada-moe` command line, the examples, th
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from .generation_utils import DiffusionGenerationConfig
 from .modeling_llada_moe import LLaDAMoEForMaskedLM
 
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 END_OF_TURN = "<|role_end|>"  # the Ling chat template's end of a turn
+# The JSON files a tokenizer folder may hold (checked one by one so a corrupt one is named), and the files that say a
+# folder has a tokenizer at all.
+TOKENIZER_JSON_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.json",
+    "vocab.json",
+)
+TOKENIZER_FILES = (*TOKENIZER_JSON_FILES, "tokenizer.model", "merges.txt", "vocab.txt")
 
 
 def pick_device(device: str | torch.device | None = None) -> torch.device:
@@ -46,6 +59,91 @@ def check_model_source(name_or_path: str | Path, what: str = "model") -> None:
         raise FileNotFoundError(f"{what} {text!r}: no such folder (and not a Hub repo id of the form owner/name)")
 
 
+def is_local_folder(name_or_path: str | Path) -> bool:
+    return Path(str(name_or_path)).expanduser().is_dir()
+
+
+def read_json_file(path: Path, what: str) -> dict:
+    """The JSON object in `path`; `ValueError` naming the file when it is unreadable, not JSON or not an object."""
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{str(path)!r} is a corrupt {what}: not valid JSON ({err})") from err
+    except OSError as err:
+        raise ValueError(f"{str(path)!r}: could not read the {what} ({err})") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{str(path)!r} is a corrupt {what}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def check_safetensors_file(path: Path) -> None:
+    """`ValueError` naming `path` when it is not a complete safetensors file (empty, truncated, bad header)."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise ValueError(f"{str(path)!r}: the weights file is missing (named by the folder's index)")
+    size = path.stat().st_size
+    if size == 0:
+        raise ValueError(f"{str(path)!r} is a corrupt weights file: it is empty (0 bytes); re-download or re-save it")
+    try:
+        with safe_open(str(path), framework="pt") as weights:
+            weights.keys()
+    except Exception as err:  # safetensors' SafetensorError (header too small, truncated data, bad JSON header)
+        raise ValueError(
+            f"{str(path)!r} is a corrupt weights file ({size} bytes): {err}; re-download or re-save the checkpoint"
+        ) from err
+
+
+def check_model_folder(folder: str | Path) -> None:
+    """Check the files a load of the local model folder `folder` reads, before loading it: `config.json`, a
+    `generation_config.json` when there is one (never silently replaced by defaults), the safetensors weights (the
+    index and the shards it names, or `model.safetensors`). A damaged file is a `ValueError` naming it."""
+    folder = Path(str(folder)).expanduser()
+    read_json_file(folder / "config.json", "model config")
+    generation_file = folder / "generation_config.json"
+    if generation_file.exists():
+        read_json_file(generation_file, "generation config")
+        try:
+            DiffusionGenerationConfig.from_pretrained(folder)
+        except (OSError, ValueError, TypeError) as err:
+            raise ValueError(f"{str(generation_file)!r} is not a valid generation config: {err}") from err
+    index_file = folder / "model.safetensors.index.json"
+    if index_file.exists():
+        weight_map = read_json_file(index_file, "weights index").get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(name, str) for name in weight_map.values()):
+            raise ValueError(f"{str(index_file)!r} is a corrupt weights index: no `weight_map` of tensor -> file name")
+        for name in sorted(set(weight_map.values())):
+            check_safetensors_file(folder / name)
+    elif (folder / "model.safetensors").exists():
+        check_safetensors_file(folder / "model.safetensors")
+
+
+def has_tokenizer_files(folder: str | Path) -> bool:
+    folder = Path(str(folder)).expanduser()
+    return any((folder / name).exists() for name in TOKENIZER_FILES)
+
+
+def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False, **kwargs) -> PreTrainedTokenizerBase:
+    """`AutoTokenizer.from_pretrained`; for a local folder every failure is a `ValueError` naming the folder (and the
+    file, when one of its JSON files is corrupt). Hub failures stay `OSError`."""
+    if not is_local_folder(name_or_path):
+        return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **kwargs)
+    folder = Path(str(name_or_path)).expanduser()
+    if not has_tokenizer_files(folder):
+        raise ValueError(
+            f"tokenizer folder {str(name_or_path)!r} holds no tokenizer files ({', '.join(TOKENIZER_FILES)})"
+        )
+    for name in TOKENIZER_JSON_FILES:
+        if (folder / name).exists():
+            read_json_file(folder / name, "tokenizer file")
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code, **kwargs)
+    except Exception as err:  # tokenizers' own Exception, ValueError, OSError, KeyError, ...
+        raise ValueError(
+            f"tokenizer folder {str(name_or_path)!r}: could not load a tokenizer ({type(err).__name__}: {err})"
+        ) from err
+
+
 def load_model_and_tokenizer(
     name_or_path: str | Path,
     bits: int | None = None,
@@ -58,6 +156,9 @@ def load_model_and_tokenizer(
 
     `bits` 4 or 8 loads through `quantization.load_quantized` (bitsandbytes); otherwise the weights are loaded in
     `dtype` (`"auto"` = the checkpoint's) and moved to `device` (default: CUDA when available).
+
+    A damaged local folder (corrupt `config.json` / `generation_config.json` / tokenizer file, an empty or truncated
+    `.safetensors`) is a `ValueError` naming the file; an unreachable Hub is an `OSError`.
     """
     if bits not in (None, 4, 8):
         raise ValueError(f"bits={bits!r}: expected 4 (NF4), 8 (LLM.int8) or None (no quantization)")
@@ -67,6 +168,10 @@ def load_model_and_tokenizer(
     if tokenizer_name_or_path is not None:
         check_model_source(tokenizer_name_or_path, what="tokenizer")
     device = pick_device(device)
+    if is_local_folder(name_or_path):
+        check_model_folder(name_or_path)
+    tokenizer_source = tokenizer_name_or_path or name_or_path
+    source = name_or_path
     try:
         if bits is not None:
             from quantization import load_quantized
@@ -76,13 +181,14 @@ def load_model_and_tokenizer(
             model = load_quantized(name_or_path, bits=bits, compute_dtype=compute, device_map=device_map)
         else:
             model = LLaDAMoEForMaskedLM.from_pretrained(name_or_path, dtype=DTYPES[dtype]).to(device).eval()
+        source = tokenizer_source
         # `config=`: AutoTokenizer would otherwise read config.json itself, and the official one names remote code.
-        tokenizer = AutoTokenizer.from_pretrained(
-            tokenizer_name_or_path or name_or_path, config=model.config, trust_remote_code=trust_remote_code
-        )
+        tokenizer = load_tokenizer(tokenizer_source, config=model.config, trust_remote_code=trust_remote_code)
     except OSError as err:
+        if is_local_folder(source):
+            raise ValueError(f"could not load the local folder {str(source)!r}: {err}") from err
         raise OSError(
-            f"could not load {str(name_or_path)!r}: not a complete local model folder, and the Hub could not serve "
+            f"could not load {str(source)!r}: not a complete local model folder, and the Hub could not serve "
             f"it (no network, or a private repo without a token?). Cause: {err}"
         ) from err
     return model, tokenizer

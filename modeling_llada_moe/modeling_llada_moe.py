@@ -6,9 +6,14 @@ pre-trained base, trunk and masked-LM head. The math follows the official `model
 key-padding mask, the router runs in fp32, and `labels` / `output_router_logits` work.
 """
 
+import contextlib
 import importlib.util
+import inspect
+import os
+import re
 import shutil
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +32,15 @@ from transformers.modeling_outputs import MoeModelOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
 from transformers.processing_utils import Unpack
-from transformers.utils import ModelOutput, TransformersKwargs, can_return_tuple
+from transformers.utils import (
+    SAFE_WEIGHTS_INDEX_NAME,
+    SAFE_WEIGHTS_NAME,
+    WEIGHTS_INDEX_NAME,
+    WEIGHTS_NAME,
+    ModelOutput,
+    TransformersKwargs,
+    can_return_tuple,
+)
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
@@ -44,6 +57,32 @@ from .generation_utils import DiffusionGenerationMixin
 
 
 register_expert_conversion(LLaDAMoEConfig.model_type)
+
+
+def at_least_fp32(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`fn`, a `Module._apply` conversion, except that a floating tensor it would make narrower than fp32 (bf16, fp16,
+    fp8) becomes fp32 instead, converted from the original (no round trip through the narrow dtype); device moves
+    and wider casts apply as asked."""
+
+    def convert(tensor: torch.Tensor) -> torch.Tensor:
+        result = fn(tensor)
+        if tensor.is_floating_point() and result.is_floating_point() and torch.finfo(result.dtype).bits < 32:
+            return tensor.to(device=result.device, dtype=torch.float32)
+        return result
+
+    return convert
+
+
+class KeepsFP32(nn.Module):
+    """A module whose own parameters and buffers stay fp32 through `.to(dtype)`, `.half()`, `.bfloat16()` and any
+    other `_apply` cast, as `_keep_in_fp32_modules_strict` keeps them at load; its children are cast as asked. So a
+    model made bf16 in memory equals the same model saved and reloaded in bf16."""
+
+    def _apply(self, fn, recurse=True):
+        if recurse:
+            for module in self.children():
+                module._apply(fn)
+        return super()._apply(at_least_fp32(fn), recurse=False)
 
 
 class LLaDAMoERMSNorm(nn.Module):
@@ -65,7 +104,9 @@ class LLaDAMoERMSNorm(nn.Module):
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
 
 
-class LLaDAMoERotaryEmbedding(nn.Module):
+class LLaDAMoERotaryEmbedding(KeepsFP32):
+    """RoPE; the inverse frequencies stay fp32 through dtype casts, as a model built or loaded in bf16 has them."""
+
     def __init__(self, config: LLaDAMoEConfig, device: torch.device | str | None = None):
         """`device`: where the inverse frequencies are computed and kept (the default device when None)."""
         super().__init__()
@@ -407,7 +448,7 @@ def default_experts_implementation() -> str:
     return "grouped_mm_chunked"
 
 
-class LLaDAMoETopKRouter(nn.Module):
+class LLaDAMoETopKRouter(KeepsFP32):
     """fp32 router: scores over all experts, top-k, optional renormalisation and scaling (none by default)."""
 
     def __init__(self, config: LLaDAMoEConfig):
@@ -418,7 +459,7 @@ class LLaDAMoETopKRouter(nn.Module):
         self.norm_topk_prob = config.norm_topk_prob
         self.routed_scaling_factor = config.routed_scaling_factor
         self.score_function = config.moe_router_score_function
-        self.weight = nn.Parameter(torch.zeros(self.num_experts, self.hidden_dim))
+        self.weight = nn.Parameter(torch.zeros(self.num_experts, self.hidden_dim, dtype=torch.float32))
 
     def forward(
         self, hidden_states: torch.Tensor, expert_bias: torch.Tensor | None = None
@@ -441,7 +482,9 @@ class LLaDAMoETopKRouter(nn.Module):
         return router_logits, top_value.to(hidden_states.dtype), top_index
 
 
-class LLaDAMoESparseMoeBlock(nn.Module):
+class LLaDAMoESparseMoeBlock(KeepsFP32):
+    """Router and experts; its own tensor, the optional `expert_bias` buffer, stays fp32 like the router."""
+
     def __init__(self, config: LLaDAMoEConfig):
         super().__init__()
         self.gate = LLaDAMoETopKRouter(config)
@@ -568,7 +611,12 @@ class LLaDAMoEPreTrainedModel(PreTrainedModel):
 
     def save_pretrained(self, save_directory: str | Path, *args, **kwargs) -> None:
         """Save weights (official per-expert keys), config with `auto_map`, the model code and a model card (the
-        generation config too, for the LM), so the folder loads with `trust_remote_code=True` anywhere."""
+        generation config too, for the LM), so the folder loads with `trust_remote_code=True` anywhere.
+
+        Weight files of an earlier save that a load of the folder would read (`model.safetensors`, the shards and
+        their index, PyTorch `.bin` files, all of the same `variant`) are replaced: they are moved aside before the
+        save, deleted after it, and put back if it fails. transformers itself only removes unused shards, so an
+        unsharded file left next to a new index would be loaded instead of it."""
         if getattr(self, "hf_quantizer", None) is not None:
             # Packed 4-bit bytes and int8 rows cannot be cut back into per-expert tensors: a quantized model is saved
             # in its own flattened layout, which reloads exactly (transformers' reverse conversion would fail).
@@ -582,8 +630,13 @@ class LLaDAMoEPreTrainedModel(PreTrainedModel):
         if not isinstance(self, LLaDAMoEForMaskedLM):
             auto_map["AutoModel"] = f"modeling_llada_moe.{type(self).__name__}"
         self.config.auto_map = auto_map
-        super().save_pretrained(save_directory, *args, **kwargs)
-        if not kwargs.get("is_main_process", True):
+        arguments = inspect.signature(PreTrainedModel.save_pretrained).bind(self, save_directory, *args, **kwargs)
+        is_main_process = arguments.arguments.get("is_main_process", True)
+        variant = arguments.arguments.get("variant")
+        replaces = is_main_process and not getattr(self, "_hf_peft_config_loaded", False)
+        with replacing_weight_files(Path(save_directory), variant, replaces):
+            super().save_pretrained(save_directory, *args, **kwargs)
+        if not is_main_process:
             return
         save_directory = Path(save_directory)
         source = Path(__file__)
@@ -591,6 +644,46 @@ class LLaDAMoEPreTrainedModel(PreTrainedModel):
             shutil.copyfile(path, save_directory / Path(path).name)
         if not (save_directory / "README.md").exists():
             (save_directory / "README.md").write_text(model_card(self.config, type(self).__name__))
+
+
+def weight_files(folder: Path, variant: str | None) -> list[Path]:
+    """The weight files of `folder` that `from_pretrained(folder, variant=variant)` may read: the single file, the
+    index and its shards, in safetensors and in PyTorch's format."""
+    if not folder.is_dir():
+        return []
+    names = set()
+    for single, index in ((SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME), (WEIGHTS_NAME, WEIGHTS_INDEX_NAME)):
+        stem, suffix = single.rsplit(".", 1)
+        if variant is not None:
+            stem = f"{stem}.{variant}"
+            index = f"{index.rsplit('.', 1)[0]}.{variant}.json"
+        names |= {f"{stem}.{suffix}", index}
+        shard = re.compile(rf"{re.escape(stem)}-\d{{5}}-of-\d{{5}}\.{re.escape(suffix)}")
+        names |= {entry.name for entry in folder.iterdir() if shard.fullmatch(entry.name)}
+    return sorted(folder / name for name in names if (folder / name).is_file())
+
+
+@contextlib.contextmanager
+def replacing_weight_files(folder: Path, variant: str | None, enabled: bool = True) -> Iterator[None]:
+    """Moves the weight files of an earlier save aside while a new one is written; deletes them when it succeeds,
+    and on a failure deletes what the new save wrote and puts the earlier files back."""
+    previous = weight_files(folder, variant) if enabled else []
+    if not previous:
+        yield
+        return
+    aside = Path(tempfile.mkdtemp(prefix=".previous-weights-", dir=folder))
+    for path in previous:
+        os.replace(path, aside / path.name)
+    try:
+        yield
+    except BaseException:
+        for path in weight_files(folder, variant):
+            path.unlink()
+        for path in previous:
+            os.replace(aside / path.name, path)
+        raise
+    finally:
+        shutil.rmtree(aside)
 
 
 class LLaDAMoEModel(LLaDAMoEPreTrainedModel):

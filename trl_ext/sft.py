@@ -20,6 +20,7 @@ bit, and gradient accumulation of k micro-batches draws exactly what one batch o
 from __future__ import annotations
 
 import copy
+import math
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,13 +108,8 @@ class DiffusionSFTConfig(SFTConfig):
     )
 
     def __post_init__(self):
+        self._check_diffusion_fields()
         super().__post_init__()
-        if self.loss_normalization not in NORMALIZATIONS:
-            raise ValueError(f"loss_normalization={self.loss_normalization!r}: expected one of {NORMALIZATIONS}")
-        if not 0 < self.time_epsilon < 1:
-            raise ValueError(f"time_epsilon={self.time_epsilon}: expected a float in (0, 1)")
-        if not 0 <= self.random_length_prob <= 1:
-            raise ValueError(f"random_length_prob={self.random_length_prob}: expected a probability in [0, 1]")
         if self.packing or self.padding_free:
             raise ValueError(
                 f"packing={self.packing}, padding_free={self.padding_free}: masked-diffusion SFT needs one example per "
@@ -124,6 +120,34 @@ class DiffusionSFTConfig(SFTConfig):
                 f"router_aux_loss_coef={self.router_aux_loss_coef}: use load_balance_coef / z_loss_coef instead"
             )
         self.router_aux_loss_coef = 0.0
+
+    def _check_diffusion_fields(self) -> None:
+        """Types, ranges and finiteness of this class's own fields: `ValueError` naming the field, its value and what
+        is accepted (before `SFTConfig.__post_init__`, so a bad value never reaches a comparison or the trainer)."""
+
+        def number(name: str, ok, accepted: str) -> None:
+            value = getattr(self, name)
+            real = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not real or not math.isfinite(value) or not ok(value):
+                raise ValueError(f"{name}={value!r}: expected {accepted}")
+
+        def flag(name: str, optional: bool = False) -> None:
+            value = getattr(self, name)
+            if not (isinstance(value, bool) or (optional and value is None)):
+                raise ValueError(f"{name}={value!r}: expected True or False{' or None' if optional else ''}")
+
+        mask = self.mask_token_id
+        if mask is not None and (isinstance(mask, bool) or not isinstance(mask, int) or mask < 0):
+            raise ValueError(f"mask_token_id={mask!r}: expected None (the model config's) or a token id (an int >= 0)")
+        number("time_epsilon", lambda v: 0 < v < 1, "a finite float in (0, 1)")
+        number("random_length_prob", lambda v: 0 <= v <= 1, "a probability in [0, 1]")
+        number("load_balance_coef", lambda v: v >= 0, "a finite weight >= 0")
+        number("z_loss_coef", lambda v: v >= 0, "a finite weight >= 0")
+        if not isinstance(self.loss_normalization, str) or self.loss_normalization not in NORMALIZATIONS:
+            raise ValueError(f"loss_normalization={self.loss_normalization!r}: expected one of {NORMALIZATIONS}")
+        flag("stratified_t")
+        flag("eos_tail")
+        flag("assistant_only_loss", optional=True)
 
 
 def random_crop_width(labels: torch.Tensor, generator: torch.Generator) -> int:

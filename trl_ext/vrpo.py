@@ -21,6 +21,7 @@ ln 2). Such copies are detected and refused, as policy or reference.
 from __future__ import annotations
 
 import contextlib
+import math
 import textwrap
 from dataclasses import dataclass, field
 
@@ -127,8 +128,8 @@ class VRPOConfig(DPOConfig):
     )
 
     def __post_init__(self):
-        loss_type = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
-        if loss_type != ["sigmoid"]:
+        loss_type = [self.loss_type] if isinstance(self.loss_type, str) else self.loss_type
+        if not isinstance(loss_type, (list, tuple)) or list(loss_type) != ["sigmoid"]:
             raise ValueError(
                 f"loss_type={self.loss_type!r}: VRPOTrainer supports only ['sigmoid'] (DPO on ELBO estimates)"
             )
@@ -155,26 +156,47 @@ class VRPOConfig(DPOConfig):
                 "load_balance_coef / z_loss_coef instead"
             )
         self.router_aux_loss_coef = 0.0
-        if isinstance(self.num_mc_samples, bool) or not isinstance(self.num_mc_samples, int) or self.num_mc_samples < 1:
-            raise ValueError(f"num_mc_samples={self.num_mc_samples!r}: expected a positive integer")
-        if self.num_timesteps is not None and (
-            isinstance(self.num_timesteps, bool)
-            or not isinstance(self.num_timesteps, int)
-            or self.num_timesteps < 1
-            or self.num_mc_samples % self.num_timesteps
-        ):
+        self._check_vrpo_fields()
+        if self.num_timesteps is not None and self.num_mc_samples % self.num_timesteps:
             raise ValueError(
                 f"num_timesteps={self.num_timesteps!r}: expected None or a positive divisor of "
                 f"num_mc_samples={self.num_mc_samples} (each noise level gets num_mc_samples / num_timesteps masks)"
             )
-        if self.elbo_form not in ELBO_FORMS:
-            raise ValueError(f"elbo_form={self.elbo_form!r}: expected one of {ELBO_FORMS}")
-        if not 0 < self.time_epsilon < 1:
-            raise ValueError(f"time_epsilon={self.time_epsilon}: expected a float in (0, 1)")
-        for name in ("load_balance_coef", "z_loss_coef"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}={getattr(self, name)}: expected a weight >= 0")
         super().__post_init__()
+
+    def _check_vrpo_fields(self) -> None:
+        """Types, ranges and finiteness of this class's own fields and of `beta`: `ValueError` naming the field, its
+        value and what is accepted."""
+
+        def number(name: str, ok, accepted: str) -> None:
+            value = getattr(self, name)
+            real = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not real or not math.isfinite(value) or not ok(value):
+                raise ValueError(f"{name}={value!r}: expected {accepted}")
+
+        def integer(name: str, ok, accepted: str, optional: bool = False) -> None:
+            value = getattr(self, name)
+            if optional and value is None:
+                return
+            if isinstance(value, bool) or not isinstance(value, int) or not ok(value):
+                raise ValueError(f"{name}={value!r}: expected {accepted}")
+
+        def flag(name: str) -> None:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r}: expected True or False")
+
+        integer("mask_token_id", lambda v: v >= 0, "None (the model config's) or a token id (an int >= 0)", True)
+        integer("num_mc_samples", lambda v: v >= 1, "a positive integer")
+        integer("num_timesteps", lambda v: v >= 1, "None or a positive divisor of num_mc_samples", True)
+        integer("mask_seed", lambda v: 0 <= v < 2**64, "an integer seed in [0, 2**64)")
+        number("beta", lambda v: v > 0, "a finite number > 0 (the DPO temperature)")
+        number("time_epsilon", lambda v: 0 < v < 1, "a finite float in (0, 1)")
+        number("load_balance_coef", lambda v: v >= 0, "a finite weight >= 0")
+        number("z_loss_coef", lambda v: v >= 0, "a finite weight >= 0")
+        if not isinstance(self.elbo_form, str) or self.elbo_form not in ELBO_FORMS:
+            raise ValueError(f"elbo_form={self.elbo_form!r}: expected one of {ELBO_FORMS}")
+        flag("antithetic")
+        flag("eos_tail")
 
 
 @dataclass

@@ -11,12 +11,12 @@ import io
 import json
 import math
 import shutil
-import signal
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from time_limit import time_limit
 
 from benchmarks.tiny_task import save_tiny_folder
 from modeling_llada_moe import LLaDAMoEForMaskedLM, cli
@@ -206,26 +206,6 @@ def test_non_finite_or_out_of_range_flags_exit_2_naming_the_flag(folder, flag, v
 # ----------------------------------------------------------------------------------------------------------------
 # Property test over `generate` flags
 # ----------------------------------------------------------------------------------------------------------------
-
-
-class Hang(Exception):
-    pass
-
-
-@contextlib.contextmanager
-def time_limit(seconds: float):
-    """Raise `Hang` in the main thread after `seconds` (a hang fails the example instead of stalling the suite)."""
-
-    def fire(signum, frame):
-        raise Hang(f"no result after {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, fire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 NUMBERS = ["0", "1", "2", "4", "0.5", "0.9", "1.5", "-1", "inf", "-inf", "nan", "1e9", "300", "x", ""]

@@ -5,15 +5,14 @@ One test per reported case, then bounded property-based searches (hypothesis, fi
 guard per example so a hang fails instead of stalling the suite).
 """
 
-import contextlib
 import math
-import signal
 
 import pytest
 import torch
 from conftest import tiny_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from time_limit import time_limit
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from modeling_llada_moe import generation_utils
@@ -21,26 +20,6 @@ from modeling_llada_moe import generation_utils
 
 MASK, PAD, VOCAB = 126, 120, 128
 GEN = dict(max_new_tokens=8, block_length=4)
-
-
-class Hang(Exception):
-    """Raised by `time_limit` when a call runs past its budget (a hang under test)."""
-
-
-@contextlib.contextmanager
-def time_limit(seconds: float):
-    """Raise `Hang` in the main thread after `seconds` of wall-clock time."""
-
-    def expire(signum, frame):
-        raise Hang(f"the call ran past {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 _MODELS = {}

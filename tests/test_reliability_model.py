@@ -1,12 +1,10 @@
 """Issue 13, items 5 and 8: `LLaDAMoEConfig` rejects every bad field by name (a property test searches for
 counter-examples), and saves never leave weights a load would read instead of the new ones, whatever the dtype."""
 
-import contextlib
 import json
 import logging
 import math
 import re
-import signal
 
 import numpy as np
 import pytest
@@ -15,28 +13,13 @@ from conftest import TINY, tiny_config, tiny_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from official_reference import official_config_dict
+from time_limit import time_limit
 
 from modeling_llada_moe import LLaDAMoEConfig, LLaDAMoEForMaskedLM
 
 
 IDS = torch.tensor([[3, 17, 42, 5, 99, 126, 126, 126, 8, 1]])
 FIELD_IN_MESSAGE = r"LLaDAMoEConfig: `([a-z_.]+)`="
-
-
-@contextlib.contextmanager
-def time_limit(seconds: float):
-    """Fail the example (instead of stalling the suite) if it runs past `seconds`; main thread only."""
-
-    def expire(signum, frame):
-        raise TimeoutError(f"still running after {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def config_warnings(caplog) -> list[str]:

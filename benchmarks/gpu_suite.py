@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from benchmarks.generation import timed  # median seconds of a call after a warm-up, CUDA-synchronised
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,20 +56,6 @@ def build_model(smoke: bool, device: torch.device):
     with torch.device(device):
         model = LLaDAMoEForMaskedLM(config)
     return model.to(torch.float32 if device.type == "cpu" else torch.bfloat16).eval()
-
-
-def median_seconds(fn, device: torch.device, repeats: int) -> tuple[float, object]:
-    fn()  # warm-up (kernel compilation, autotuning, allocator)
-    times, result = [], None
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        result = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
 
 
 def weight_bytes_read(model, tokens: int) -> int:
@@ -101,7 +88,7 @@ def block_steps(args) -> None:
     for mode, positions in ((None, prompt_len + canvas), ("prefix", canvas), ("dual", canvas)):
         kwargs = dict(max_new_tokens=canvas, block_length=canvas, steps=canvas, cache_implementation=mode)
         with torch.inference_mode():
-            seconds, out = median_seconds(
+            seconds, out = timed(
                 lambda kwargs=kwargs: model.diffusion_generate(prompt, return_dict_in_generate=True, **kwargs),
                 device,
                 args.repeats,

@@ -351,12 +351,7 @@ class DiffusionSFTTrainer(SFTTrainer):
         """The micro-batches of one optimizer step, padded to a common width (so each row's EOS tail is the one a
         single batch of them would give), cropped together with `random_length_prob`, each row tagged with its
         position in the step; and `num_items_in_batch`, the step's normalisation denominator."""
-        batches = []
-        for _ in range(num_batches):
-            try:
-                batches.append(next(epoch_iterator))
-            except StopIteration:
-                break
+        batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)  # the count is ours
         if not batches:
             return batches, None
         if isinstance(self.data_collator, DataCollatorForDiffusionSFT):

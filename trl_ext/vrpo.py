@@ -555,12 +555,7 @@ class VRPOTrainer(DPOTrainer):
 
     def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
         """The micro-batches of one optimizer step and `num_items_in_batch`: their number of preference pairs."""
-        batches = []
-        for _ in range(num_batches):
-            try:
-                batches.append(next(epoch_iterator))
-            except StopIteration:
-                break
+        batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)  # the count is ours
         if not batches:
             return batches, None
         pairs = torch.tensor(sum(batch["input_ids"].shape[0] // 2 for batch in batches), device=device)

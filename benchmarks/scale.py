@@ -1,0 +1,171 @@
+"""Real scale: a random checkpoint of the official 7B-A1B shape and layout, loaded in bf16 / int8 / nf4 and measured.
+
+    python -m benchmarks.scale --cache ~/.cache/llada_moe/scale            # writes ~14.7 GB once, then measures (CPU)
+    python -m benchmarks.scale --cache DIR --modes bf16 nf4 --device cuda  # the same on a GPU
+    python -m benchmarks.scale --cache DIR --layers 2                      # a 2-layer slice of the 7B shape
+
+The checkpoint (written once per `--layers`, seeded) has the official layout: per-expert keys, `model_type: "llada"`,
+bf16 safetensors shards; with all 16 layers it holds the official 7,356,880,896 parameters. Each mode is measured in
+its own process: load time, peak ANONYMOUS memory during the load (RssAnon sampled every 10 ms: mmapped safetensors
+pages are reclaimable and not counted; on a GPU the CUDA allocator's peak), `memory_report` against
+`estimate_memory`, one forward of 64 tokens, and `diffusion_generate` of 8 new tokens in 2 steps with the dual cache.
+Times are single runs (minutes each at full size): read the ratios against bf16 in the same run. Not in CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+
+MODES = ("bf16", "int8", "nf4")
+MiB = 2**20
+
+
+def rss_anon() -> int:
+    """Anonymous resident bytes of this process (not the file pages of mmapped safetensors)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("/proc/self/status has no RssAnon line (Linux only)")
+
+
+class PeakAnon:
+    """Peak anonymous memory of the process while the block runs, sampled every 10 ms."""
+
+    def __enter__(self) -> PeakAnon:
+        self.peak, self.running = rss_anon(), True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while self.running:
+            self.peak = max(self.peak, rss_anon())
+            time.sleep(0.01)
+
+    def __exit__(self, *exc) -> None:
+        self.running = False
+        self.thread.join()
+        self.peak = max(self.peak, rss_anon())
+
+
+def write_checkpoint(folder: Path, layers: int, seed: int = 0) -> None:
+    """A random bf16 LLaDA-MoE of the official shape (first `layers` layers) saved in the official layout."""
+    from modeling_llada_moe import LLaDAMoEConfig, LLaDAMoEForMaskedLM
+
+    config = LLaDAMoEConfig(num_hidden_layers=layers, moe_layer_freq=[1] * layers)
+    torch.manual_seed(seed)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # built directly in bf16: an fp32 copy of the 7B would not fit in 24 GB
+    try:
+        model = LLaDAMoEForMaskedLM(config).eval()
+    finally:
+        torch.set_default_dtype(default)
+    parameters = sum(p.numel() for p in model.parameters())
+    model.save_pretrained(folder, max_shard_size="5GB")  # per-expert keys, as the official checkpoint
+    del model
+    saved = json.loads((folder / "config.json").read_text())
+    saved.update(model_type="llada", architectures=["LLaDAMoEModelLM"], torch_dtype="bfloat16")
+    saved.pop("auto_map", None)  # the official folder's auto_map names its own remote code, not ours
+    (folder / "config.json").write_text(json.dumps(saved, indent=2))
+    for extra in [*folder.glob("*.py"), folder / "README.md"]:
+        extra.unlink(missing_ok=True)
+    (folder / "parameters.txt").write_text(f"{parameters}\n")
+
+
+def measure(folder: Path, mode: str, device: str) -> dict:
+    """One mode's figures, measured in this (fresh) process."""
+    from modeling_llada_moe import LLaDAMoEForMaskedLM
+    from quantization import estimate_memory, load_quantized, memory_report
+
+    torch.manual_seed(0)
+    on_gpu = device.startswith("cuda")
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    with PeakAnon() as anon:
+        if mode == "bf16":
+            model = LLaDAMoEForMaskedLM.from_pretrained(folder, dtype=torch.bfloat16, device_map=device).eval()
+        else:
+            model = load_quantized(folder, bits=8 if mode == "int8" else 4, device_map=device)
+    load_s = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() if on_gpu else anon.peak
+    bits = None if mode == "bf16" else 8 if mode == "int8" else 4
+    report, estimate = memory_report(model), estimate_memory(model.config, bits, torch.bfloat16)
+    ids = torch.randint(0, 150000, (1, 64), device=device)
+    with torch.inference_mode():
+        start = time.perf_counter()
+        model(ids)
+        forward_s = time.perf_counter() - start
+        start = time.perf_counter()
+        out = model.diffusion_generate(
+            ids[:, :32], max_new_tokens=8, block_length=8, steps=2, cache_implementation="dual",
+            return_dict_in_generate=True,
+        )
+        generate_s = time.perf_counter() - start
+    return dict(
+        mode=mode, load_s=load_s, peak_mib=peak / MiB, weights_mib=report.total / MiB,
+        estimate_mib=estimate.total / MiB, forward_s=forward_s, generate_s=generate_s,
+        nfe=float(out.nfe.float().mean()),
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cache", type=Path, required=True, help="folder for the random checkpoint (~14.7 GB)")
+    parser.add_argument("--layers", type=int, default=16, help="layers of the 7B shape to keep (16 = the full model)")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--measure", choices=MODES, help=argparse.SUPPRESS)  # one mode, in a child process
+    args = parser.parse_args()
+    if not 1 <= args.layers <= 16:
+        parser.error(f"--layers {args.layers}: expected 1 to 16 (the official model has 16)")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available")
+    folder = args.cache / f"llada-moe-7b-a1b-random-{args.layers}-layers"
+    if args.measure:
+        print(json.dumps(measure(folder, args.measure, args.device)))
+        return
+    if not (folder / "parameters.txt").is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        write_checkpoint(folder, args.layers)
+        print(f"wrote {folder} in {time.perf_counter() - start:.0f} s")
+    parameters = int((folder / "parameters.txt").read_text())
+    size = sum(path.stat().st_size for path in folder.glob("*.safetensors")) / 2**30
+    print(f"# {folder.name}: {parameters:,} parameters, {size:.2f} GiB of safetensors; device {args.device}")
+    rows = []
+    for mode in args.modes:
+        command = [sys.executable, "-m", "benchmarks.scale", "--cache", str(args.cache), "--layers", str(args.layers)]
+        done = subprocess.run([*command, "--device", args.device, "--measure", mode], capture_output=True, text=True)
+        if done.returncode:
+            print(f"{mode}: failed\n{done.stderr[-2000:]}")
+            continue
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    base = next((row for row in rows if row["mode"] == "bf16"), None)
+    peak = "peak GPU MiB" if args.device.startswith("cuda") else "peak anon MiB"
+    print(f"| mode | load s | {peak} | weights MiB (report / estimate) | forward 64 tok s | generate 8 tok s (NFE) |")
+    print("| --- | --- | --- | --- | --- | --- |")
+
+    def ratio(row: dict, key: str) -> str:
+        return f" ({row[key] / base[key]:.1f}x)" if base and row is not base else ""
+
+    for row in rows:
+        print(
+            f"| {row['mode']} | {row['load_s']:.1f}{ratio(row, 'load_s')} | {row['peak_mib']:.0f} | "
+            f"{row['weights_mib']:.0f} / {row['estimate_mib']:.0f} | {row['forward_s']:.2f}{ratio(row, 'forward_s')} | "
+            f"{row['generate_s']:.2f}{ratio(row, 'generate_s')} ({row['nfe']:.0f}) |"
+        )
+
+
+if __name__ == "__main__":
+    main()

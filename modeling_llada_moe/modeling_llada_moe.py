@@ -53,6 +53,7 @@ from .bnb_layout import (
 )
 from .checkpoint_conversion import register_expert_conversion
 from .configuration_llada_moe import LLaDAMoEConfig
+from .expert_cache import ExpertWeightCache, cached_expert_weights, check_budget
 from .generation_utils import DiffusionGenerationMixin
 
 
@@ -334,6 +335,7 @@ class LLaDAMoEExperts(nn.Module):
         self.gate_up = nn.Linear(self.hidden_dim, self.num_experts * 2 * self.intermediate_dim, bias=False)
         self.down = nn.Linear(self.intermediate_dim, self.num_experts * self.hidden_dim, bias=False)
         self.act_fn = ACT2FN[config.hidden_act]
+        self.dense_cache: ExpertWeightCache | None = None  # set while a generation runs (expert_cache)
         self.register_load_state_dict_pre_hook(merge_per_expert_keys)
 
     @property
@@ -366,6 +368,17 @@ class LLaDAMoEExperts(nn.Module):
         gate_up = dequantize_rows(self.gate_up, first * rows_up, last * rows_up, dtype)
         down = dequantize_rows(self.down, first * rows_down, last * rows_down, dtype)
         return gate_up.view(last - first, rows_up, self.hidden_dim), down.view(last - first, rows_down, -1)
+
+    def dense_expert(self, index: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """gate_up [2I, H] and down [H, I] of expert `index`, from the generation's cache when it holds them."""
+
+        def dequantize() -> tuple[torch.Tensor, torch.Tensor]:
+            gate_up, down = self.dequantize_experts(index, index + 1, dtype)
+            return gate_up[0], down[0]
+
+        if self.dense_cache is None:
+            return dequantize()
+        return self.dense_cache.get((id(self), index, dtype), dequantize)
 
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
@@ -407,21 +420,25 @@ EXPERTS_PER_CHUNK = 8  # 7B: 8 experts of a layer dequantized at a time = 96 MiB
 def grouped_mm_chunked_experts_forward(
     self: LLaDAMoEExperts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
-    """transformers' `grouped_mm` over groups of `EXPERTS_PER_CHUNK` experts, dequantizing one group at a time and
-    skipping groups no token routes to. Plain weights are one group of views: exactly `grouped_mm`."""
+    """transformers' `grouped_mm` over groups of up to `EXPERTS_PER_CHUNK` of the experts tokens route to, each
+    dequantized when its group runs (or taken from the generation's `expert_cache`); experts no token routes to are
+    never dequantized. Plain weights are one group of views: exactly `grouped_mm`."""
     if not self.is_quantized:
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     output = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
-    for first in range(0, self.num_experts, EXPERTS_PER_CHUNK):
-        last = min(first + EXPERTS_PER_CHUNK, self.num_experts)
-        token, slot = ((top_k_index >= first) & (top_k_index < last)).nonzero(as_tuple=True)
-        if token.numel() == 0:
-            continue
-        group = ExpertGroup(self.act_fn, *self.dequantize_experts(first, last, hidden_states.dtype))
+    routed_experts = torch.unique(top_k_index).tolist()
+    local = torch.full((self.num_experts,), -1, dtype=torch.long, device=top_k_index.device)
+    for start in range(0, len(routed_experts), EXPERTS_PER_CHUNK):
+        chunk = routed_experts[start : start + EXPERTS_PER_CHUNK]
+        local.fill_(-1)
+        local[chunk] = torch.arange(len(chunk), device=local.device)
+        token, slot = (local[top_k_index] >= 0).nonzero(as_tuple=True)
+        dense = [self.dense_expert(index, hidden_states.dtype) for index in chunk]
+        group = ExpertGroup(self.act_fn, torch.stack([d[0] for d in dense]), torch.stack([d[1] for d in dense]))
         routed = grouped_mm_experts_forward(
             group,
             hidden_states[token],
-            (top_k_index[token, slot] - first)[:, None],
+            local[top_k_index[token, slot]][:, None],
             top_k_weights[token, slot][:, None],
         )
         output.index_add_(0, token, routed.float())
@@ -878,8 +895,19 @@ class LLaDAMoEForMaskedLM(DiffusionGenerationMixin, LLaDAMoEPreTrainedModel):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    # Bytes of dequantized experts a generation may keep (expert_cache): None = half the available memory.
+    expert_cache_bytes: int | None = None
+
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
+
+    def diffusion_generate(self, *args, **kwargs):
+        # Quantized experts are dequantized once per generation while the cache budget lasts (expert_cache).
+        budget = check_budget(self.expert_cache_bytes, "expert_cache_bytes")
+        with cached_expert_weights(self, budget):
+            return super().diffusion_generate(*args, **kwargs)
+
+    diffusion_generate.__doc__ = DiffusionGenerationMixin.diffusion_generate.__doc__
 
     def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
         self.lm_head = new_embeddings

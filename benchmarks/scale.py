@@ -8,14 +8,19 @@ The checkpoint (written once per `--layers`, seeded) has the official layout: pe
 bf16 safetensors shards; with all 16 layers it holds the official 7,356,880,896 parameters. Each mode is measured in
 its own process: load time, peak ANONYMOUS memory during the load (RssAnon sampled every 10 ms: mmapped safetensors
 pages are reclaimable and not counted; on a GPU the CUDA allocator's peak), `memory_report` against
-`estimate_memory`, one forward of 64 tokens, and `diffusion_generate` of 8 new tokens in 2 steps with the dual cache.
-Times are single runs (minutes each at full size): read the ratios against bf16 in the same run. Not in CI.
+`estimate_memory`, one forward of 64 tokens, `diffusion_generate` of 8 new tokens in 2 steps with the dual cache, and
+32 new tokens (one block, 8 steps, dual cache) as tokens/s; quantized modes also without the expert cache
+(`expert_cache_bytes=0`: every step dequantizes the experts it routes to). `nf4-bnb` loads with bitsandbytes' own CPU
+quantization kernel instead of `quantization.fast_quantize` (the baseline; the model is byte-identical, so only its
+load is measured). Times are single runs (minutes each at full size): read the ratios against bf16 in the same run.
+Not in CI.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -25,7 +30,7 @@ from pathlib import Path
 import torch
 
 
-MODES = ("bf16", "int8", "nf4")
+MODES = ("bf16", "int8", "nf4", "nf4-bnb")  # nf4-bnb: quantized by bitsandbytes' own CPU kernel (load only)
 MiB = 2**20
 
 
@@ -91,6 +96,8 @@ def measure(folder: Path, mode: str, device: str) -> dict:
     on_gpu = device.startswith("cuda")
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
+    if mode == "nf4-bnb":
+        os.environ["LLADA_MOE_FAST_QUANTIZE"] = "0"
     start = time.perf_counter()
     with PeakAnon() as anon:
         if mode == "bf16":
@@ -101,6 +108,11 @@ def measure(folder: Path, mode: str, device: str) -> dict:
     peak = torch.cuda.max_memory_allocated() if on_gpu else anon.peak
     bits = None if mode == "bf16" else 8 if mode == "int8" else 4
     report, estimate = memory_report(model), estimate_memory(model.config, bits, torch.bfloat16)
+    figures = dict(
+        mode=mode, load_s=load_s, peak_mib=peak / MiB, weights_mib=report.total / MiB, estimate_mib=estimate.total / MiB
+    )
+    if mode == "nf4-bnb":
+        return figures
     ids = torch.randint(0, 150000, (1, 64), device=device)
     with torch.inference_mode():
         start = time.perf_counter()
@@ -112,11 +124,15 @@ def measure(folder: Path, mode: str, device: str) -> dict:
             return_dict_in_generate=True,
         )
         generate_s = time.perf_counter() - start
-    return dict(
-        mode=mode, load_s=load_s, peak_mib=peak / MiB, weights_mib=report.total / MiB,
-        estimate_mib=estimate.total / MiB, forward_s=forward_s, generate_s=generate_s,
-        nfe=float(out.nfe.float().mean()),
-    )
+        figures.update(forward_s=forward_s, generate_s=generate_s, nfe=float(out.nfe.float().mean()))
+        for cache in ("", "_nocache") if mode != "bf16" else ("",):
+            model.expert_cache_bytes = 0 if cache else None
+            start = time.perf_counter()
+            model.diffusion_generate(
+                ids[:, :32], max_new_tokens=32, block_length=32, steps=8, cache_implementation="dual"
+            )
+            figures[f"tokens_per_s{cache}"] = 32 / (time.perf_counter() - start)
+    return figures
 
 
 def main() -> None:
@@ -153,17 +169,25 @@ def main() -> None:
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
     base = next((row for row in rows if row["mode"] == "bf16"), None)
     peak = "peak GPU MiB" if args.device.startswith("cuda") else "peak anon MiB"
-    print(f"| mode | load s | {peak} | weights MiB (report / estimate) | forward 64 tok s | generate 8 tok s (NFE) |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print(
+        f"| mode | load s | {peak} (x weights) | weights MiB (report / estimate) | forward 64 tok s | "
+        "generate 8 tok s (NFE) | 32 new tokens: tok/s | without expert cache: tok/s |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
 
     def ratio(row: dict, key: str) -> str:
-        return f" ({row[key] / base[key]:.1f}x)" if base and row is not base else ""
+        if key not in row:
+            return "–"
+        value = f"{row[key]:.2f}"
+        return f"{value} ({row[key] / base[key]:.2f}x)" if base and row is not base and key in base else value
 
     for row in rows:
+        peak_ratio = row["peak_mib"] / row["weights_mib"]
+        nfe = f" ({row['nfe']:.0f})" if "nfe" in row else ""
         print(
-            f"| {row['mode']} | {row['load_s']:.1f}{ratio(row, 'load_s')} | {row['peak_mib']:.0f} | "
-            f"{row['weights_mib']:.0f} / {row['estimate_mib']:.0f} | {row['forward_s']:.2f}{ratio(row, 'forward_s')} | "
-            f"{row['generate_s']:.2f}{ratio(row, 'generate_s')} ({row['nfe']:.0f}) |"
+            f"| {row['mode']} | {ratio(row, 'load_s')} | {row['peak_mib']:.0f} ({peak_ratio:.2f}x) | "
+            f"{row['weights_mib']:.0f} / {row['estimate_mib']:.0f} | {ratio(row, 'forward_s')} | "
+            f"{ratio(row, 'generate_s')}{nfe} | {ratio(row, 'tokens_per_s')} | {ratio(row, 'tokens_per_s_nocache')} |"
         )
 
 

@@ -40,6 +40,7 @@ from transformers.utils import (
     ModelOutput,
     TransformersKwargs,
     can_return_tuple,
+    logging,
 )
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
@@ -56,6 +57,7 @@ from .configuration_llada_moe import LLaDAMoEConfig
 from .generation_utils import DiffusionGenerationMixin
 
 
+logger = logging.get_logger(__name__)
 register_expert_conversion(LLaDAMoEConfig.model_type)
 
 
@@ -285,8 +287,9 @@ def dequantize_rows(linear: nn.Module, start: int, end: int, dtype: torch.dtype)
         # PEFT wrapped the container: the experts read its weight directly, so the adapter would be skipped.
         raise ValueError(
             "a PEFT adapter wraps an expert container (mlp.experts.gate_up / mlp.experts.down); the experts read "
-            "the container weights directly and would skip it. Target the attention projections instead (see "
-            "quantization.qlora_target_modules)."
+            "the container weights directly and would skip it. Target the experts module instead "
+            "(modeling_llada_moe.peft_experts.experts_lora_config: per-expert adapters), or the attention projections "
+            "(quantization.qlora_target_modules)."
         )
     weight = linear.weight
     if getattr(weight, "quant_state", None) is not None:  # bitsandbytes 4-bit (NF4 / FP4), any layout
@@ -336,17 +339,30 @@ class LLaDAMoEExperts(nn.Module):
         self.act_fn = ACT2FN[config.hidden_act]
         self.register_load_state_dict_pre_hook(merge_per_expert_keys)
 
+    # Set by a PEFT adapter on the experts (`modeling_llada_moe.peft_experts`) while it is active: called as
+    # `weight_delta(name, first, last)` with name "gate_up" / "down", it returns the additive update of experts
+    # [first, last) ([c, 2I, H] / [c, H, I]). Every read of the expert weights below adds it, so each experts backend
+    # and the quantized path apply the adapter.
+    weight_delta: Callable[[str, int, int], torch.Tensor] | None = None
+
     @property
     def gate_up_proj(self) -> torch.Tensor:
         """[E, 2I, H]; a view for plain weights (dequantized whole for quantized ones: prefer chunks())."""
         rows = self.gate_up.out_features
-        return dequantize_rows(self.gate_up, 0, rows, self.dense_dtype).view(self.num_experts, -1, self.hidden_dim)
+        weight = dequantize_rows(self.gate_up, 0, rows, self.dense_dtype).view(self.num_experts, -1, self.hidden_dim)
+        return self._adapted("gate_up", weight, 0)
 
     @property
     def down_proj(self) -> torch.Tensor:
         """[E, H, I]; a view for plain weights (dequantized whole for quantized ones: prefer chunks())."""
         rows = self.down.out_features
-        return dequantize_rows(self.down, 0, rows, self.dense_dtype).view(self.num_experts, self.hidden_dim, -1)
+        weight = dequantize_rows(self.down, 0, rows, self.dense_dtype).view(self.num_experts, self.hidden_dim, -1)
+        return self._adapted("down", weight, 0)
+
+    def _adapted(self, name: str, weight: torch.Tensor, first: int) -> torch.Tensor:
+        if self.weight_delta is None:
+            return weight
+        return weight + self.weight_delta(name, first, first + weight.shape[0]).to(weight.dtype)
 
     @property
     def dense_dtype(self) -> torch.dtype:
@@ -365,7 +381,8 @@ class LLaDAMoEExperts(nn.Module):
         rows_up, rows_down = 2 * self.intermediate_dim, self.hidden_dim
         gate_up = dequantize_rows(self.gate_up, first * rows_up, last * rows_up, dtype)
         down = dequantize_rows(self.down, first * rows_down, last * rows_down, dtype)
-        return gate_up.view(last - first, rows_up, self.hidden_dim), down.view(last - first, rows_down, -1)
+        gate_up = self._adapted("gate_up", gate_up.view(last - first, rows_up, self.hidden_dim), first)
+        return gate_up, self._adapted("down", down.view(last - first, rows_down, -1), first)
 
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
@@ -432,6 +449,13 @@ def llada_fused_experts_forward(
     self: LLaDAMoEExperts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
     """'llada_fused': the Triton fused-MoE kernels (dense or NF4 experts), imported on first use; needs triton."""
+    if self.weight_delta is not None:
+        # The kernels read the containers in place and would skip the adapter: run the dequantizing grouped_mm.
+        logger.warning_once(
+            "experts_implementation='llada_fused' does not apply a LoRA adapter on the experts; this forward uses "
+            "'grouped_mm_chunked' instead. Merge the adapter (merge_and_unload) to use the fused kernels."
+        )
+        return grouped_mm_chunked_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     from .fused_moe import fused_moe_experts_forward
 
     return fused_moe_experts_forward(self, hidden_states, top_k_index, top_k_weights)

@@ -125,7 +125,7 @@ def test_sft_trains_the_expert_adapters_only(tmp_path):
     args = DiffusionSFTConfig(
         output_dir=str(tmp_path),
         per_device_train_batch_size=4,
-        max_steps=2,
+        max_steps=1,
         learning_rate=1e-2,
         report_to="none",
         use_cpu=True,

@@ -495,7 +495,6 @@ ALL_EXPERTS_FUNCTIONS.register("grouped_mm_chunked", grouped_mm_chunked_experts_
 ALL_EXPERTS_FUNCTIONS.register("llada_fused", llada_fused_experts_forward)
 
 
-
 def default_experts_implementation() -> str:
     """The fused Triton kernels on CUDA with triton installed, else grouped_mm that dequantizes a group at a time."""
     if torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:

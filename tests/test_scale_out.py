@@ -7,12 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import distributed_worker as worker
 import pytest
 import torch
 from conftest import tiny_model
 from safetensors import safe_open
-
-import distributed_worker as worker
 
 
 pytestmark = pytest.mark.multiprocess

@@ -14,7 +14,6 @@ from conftest import tiny_model
 from safetensors import safe_open
 
 
-pytestmark = pytest.mark.multiprocess
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -40,6 +39,7 @@ def runs(tmp_path_factory):
     return str(folder), ranks, out
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("implementation", ["auto", "all_to_all"])
 def test_expert_parallel_inference_equals_one_process(runs, implementation):
     folder, ranks, _ = runs
@@ -59,6 +59,7 @@ def test_expert_parallel_inference_equals_one_process(runs, implementation):
         assert torch.equal(run["down"], experts.down_proj[own].reshape(-1, 32))
 
 
+@pytest.mark.multiprocess
 def test_fsdp2_sft_matches_one_process_and_saves_the_official_layout(runs, tmp_path):
     folder, ranks, out = runs
     single = worker.sft(folder, tmp_path / "sft")
@@ -79,6 +80,7 @@ def test_fsdp2_sft_matches_one_process_and_saves_the_official_layout(runs, tmp_p
         torch.testing.assert_close(value, other, rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.multiprocess
 def test_fsdp2_vrpo_with_a_reference_model_matches_one_process(runs, tmp_path):
     folder, ranks, _ = runs
     single = worker.vrpo(folder, tmp_path / "vrpo")
@@ -90,3 +92,28 @@ def test_ep_size_that_does_not_divide_the_experts_is_refused():
     experts = tiny_model().model.layers[0].mlp.experts
     with pytest.raises(ValueError, match=r"ep_size=3 does not divide num_experts=8.*\[1, 2, 4, 8\]"):
         experts.keep_local_experts(0, 3)
+
+
+def test_accelerate_configs_name_what_the_model_has():
+    """The FSDP2 config builds accelerate's plugin and wraps exactly the decoder layers (its GPU run is not tested
+    here: accelerate runs FSDP configs as DDP on CPU); DDP and DeepSpeed configs parse to their launchers."""
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    configs = {name: load_config_from_file(str(ROOT / "examples" / "accelerate" / f"{name}.yaml")) for name in NAMES}
+    assert configs["ddp"].distributed_type == DistributedType.MULTI_GPU
+    assert configs["deepspeed_zero3"].deepspeed_config["zero_stage"] == 3
+    fsdp = configs["fsdp2"].fsdp_config
+    plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=fsdp["fsdp_version"],
+        auto_wrap_policy=fsdp["fsdp_auto_wrap_policy"].lower(),
+        transformer_cls_names_to_wrap=[fsdp["fsdp_transformer_layer_cls_to_wrap"]],
+        state_dict_type=fsdp["fsdp_state_dict_type"],
+    )
+    model = tiny_model()
+    plugin.set_auto_wrap_policy(model)
+    wrapped = [name for name, module in model.named_modules() if plugin.auto_wrap_policy(module, False, 0)]
+    assert plugin.fsdp_version == 2 and wrapped == ["model.layers.0", "model.layers.1"]
+
+
+NAMES = ("ddp", "fsdp2", "deepspeed_zero3")

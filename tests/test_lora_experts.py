@@ -50,14 +50,20 @@ def test_every_backend_applies_the_adapter():
     model = tiny_model()
     base = model(ids()).logits
     peft_model = adapted(model)
-    by_backend = {}
+    by_backend, grads = {}, {}
     for backend in BACKENDS:
         peft_model.base_model.model.set_experts_implementation(backend)
+        peft_model.zero_grad()
         by_backend[backend] = peft_model(ids()).logits
+        by_backend[backend].square().mean().backward()  # and trains: the same adapter gradients everywhere
+        grads[backend] = [p.grad.clone() for n, p in peft_model.named_parameters() if "lora_" in n]
     assert (by_backend["eager"] - base).abs().max() > 1e-2
+    assert all(grad.abs().sum() > 0 for grad in grads["eager"])
     for backend in BACKENDS[1:]:
         torch.testing.assert_close(by_backend[backend], by_backend["eager"], rtol=1e-5, atol=1e-5)
-    with peft_model.disable_adapter():
+        for grad, expected in zip(grads[backend], grads["eager"], strict=True):
+            torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6)
+    with peft_model.disable_adapter(), torch.no_grad():
         torch.testing.assert_close(peft_model(ids()).logits, base, rtol=0, atol=0)
 
 
@@ -125,7 +131,7 @@ def test_sft_trains_the_expert_adapters_only(tmp_path):
     args = DiffusionSFTConfig(
         output_dir=str(tmp_path),
         per_device_train_batch_size=4,
-        max_steps=1,
+        max_steps=2,  # B starts at zero: A gets its first gradient on step 2
         learning_rate=1e-2,
         report_to="none",
         use_cpu=True,

@@ -49,7 +49,7 @@ class FlattenExperts(ConversionOps):
         if shard is not None:
             # Expert parallelism: this rank's experts only (`LLaDAMoEExperts.keep_local_experts`).
             rank, size = shard
-            tensor = tensor.chunk(size)[rank]
+            tensor = tensor.chunk(size)[rank].clone()  # a copy: a view would keep every expert's storage alive
         return {target_patterns[0]: tensor.reshape(-1, tensor.shape[-1])}
 
     @property

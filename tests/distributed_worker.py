@@ -84,6 +84,10 @@ def expert_parallel(folder: str) -> dict:
         results[name] = {
             **inference(model),
             "expert_bytes": local_bytes(model, "mlp.experts."),
+            # What the experts' storages hold (a view of the whole stack would keep every expert in memory).
+            "expert_storage_bytes": sum(
+                param.untyped_storage().nbytes() for name, param in model.named_parameters() if "mlp.experts." in name
+            ),
             "attention_bytes": local_bytes(model, *ATTENTION_PROJECTIONS),
             "local_experts": experts.num_experts,
             "gate_up": experts.gate_up.weight.detach().clone(),

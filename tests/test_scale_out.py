@@ -52,7 +52,7 @@ def test_expert_parallel_inference_equals_one_process(runs, implementation):
         assert torch.equal(run["tokens"], reference["tokens"])
         # Each rank holds half the experts, whole, and half the attention heads.
         assert run["local_experts"] == 4
-        assert run["expert_bytes"] * 2 == worker.local_bytes(model, "mlp.experts.")
+        assert run["expert_bytes"] * 2 == worker.local_bytes(model, "mlp.experts.") == run["expert_storage_bytes"] * 2
         assert run["attention_bytes"] * 2 == worker.local_bytes(model, *worker.ATTENTION_PROJECTIONS)
         own = slice(4 * rank, 4 * rank + 4)
         assert torch.equal(run["gate_up"], experts.gate_up_proj[own].reshape(-1, 64))

@@ -26,12 +26,30 @@ def _single_tensor(input_dict: dict[str, list[torch.Tensor] | torch.Tensor]) -> 
     return key, tensors[0] if isinstance(tensors, list) else tensors
 
 
+def _expert_shard(model, layer_name: str | None) -> tuple[int, int] | None:
+    """(rank, ep_size) of the experts module a container weight named `layer_name` belongs to, if it is sharded."""
+    if model is None or not layer_name:
+        return None
+    try:
+        experts = model.get_submodule(layer_name.rsplit(".", 2)[0])
+    except AttributeError:
+        return None
+    return getattr(experts, "expert_shard", None)
+
+
 class FlattenExperts(ConversionOps):
     """[E, out, in] expert stack -> [E*out, in], the weight of one `nn.Linear` container."""
 
     @torch.no_grad()
-    def convert(self, input_dict, source_patterns, target_patterns, **kwargs) -> dict[str, torch.Tensor]:
+    def convert(
+        self, input_dict, source_patterns, target_patterns, model=None, full_layer_name=None, **kwargs
+    ) -> dict[str, torch.Tensor]:
         _, tensor = _single_tensor(input_dict)
+        shard = _expert_shard(model, full_layer_name)
+        if shard is not None:
+            # Expert parallelism: this rank's experts only (`LLaDAMoEExperts.keep_local_experts`).
+            rank, size = shard
+            tensor = tensor.chunk(size)[rank].clone()  # a copy: a view would keep every expert's storage alive
         return {target_patterns[0]: tensor.reshape(-1, tensor.shape[-1])}
 
     @property

@@ -199,14 +199,19 @@ class LLaDAMoEConfig(PreTrainedConfig):
     attribute_map: ClassVar[dict[str, str]] = {"num_local_experts": "num_experts"}
     default_theta = 50_000.0
 
-    # q/k/v are split by whole heads, so the per-head q/k norms stay local to a rank. Experts are replicated: their
-    # flattened [E*2I, H] containers are not sharded (see README, "Tensor parallelism").
+    # q/k/v are split by whole heads, so the per-head q/k norms stay local to a rank. The experts are split by
+    # `base_model_ep_plan` (whole experts per rank) when `DistributedConfig(ep_size=...)` asks for it, else replicated
+    # (see README, "Scaling out").
     base_model_tp_plan: ClassVar[dict[str, str]] = {
         "layers.*.self_attn.q_proj": "colwise",
         "layers.*.self_attn.k_proj": "colwise",
         "layers.*.self_attn.v_proj": "colwise",
         "layers.*.self_attn.o_proj": "rowwise",
     }
+    # Expert parallelism: tokens go to the rank owning their expert through transformers' EP dispatch. Each rank
+    # keeps whole experts, as contiguous rows of the flattened containers (cut by the model's
+    # `maybe_distribute_model`, so no parameter rule here: a Shard(0) DTensor could not be read from per-expert keys).
+    base_model_ep_plan: ClassVar[dict[str, str]] = {"layers.*.mlp.experts": "ep_dispatch_experts"}
     base_model_pp_plan: ClassVar[dict[str, Any]] = {
         "embed_tokens": (["input_ids"], ["inputs_embeds"]),
         "layers": (["hidden_states", "attention_mask"], ["hidden_states"]),

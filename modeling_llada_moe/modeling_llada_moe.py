@@ -40,6 +40,7 @@ from transformers.utils import (
     ModelOutput,
     TransformersKwargs,
     can_return_tuple,
+    logging,
 )
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
@@ -57,6 +58,7 @@ from .expert_cache import ExpertWeightCache, cached_expert_weights, check_budget
 from .generation_utils import DiffusionGenerationMixin
 
 
+logger = logging.get_logger(__name__)
 register_expert_conversion(LLaDAMoEConfig.model_type)
 
 
@@ -286,8 +288,9 @@ def dequantize_rows(linear: nn.Module, start: int, end: int, dtype: torch.dtype)
         # PEFT wrapped the container: the experts read its weight directly, so the adapter would be skipped.
         raise ValueError(
             "a PEFT adapter wraps an expert container (mlp.experts.gate_up / mlp.experts.down); the experts read "
-            "the container weights directly and would skip it. Target the attention projections instead (see "
-            "quantization.qlora_target_modules)."
+            "the container weights directly and would skip it. Target the experts module instead "
+            "(modeling_llada_moe.peft_experts.experts_lora_config: per-expert adapters), or the attention projections "
+            "(quantization.qlora_target_modules)."
         )
     weight = linear.weight
     if getattr(weight, "quant_state", None) is not None:  # bitsandbytes 4-bit (NF4 / FP4), any layout
@@ -338,17 +341,30 @@ class LLaDAMoEExperts(nn.Module):
         self.dense_cache: ExpertWeightCache | None = None  # set while a generation runs (expert_cache)
         self.register_load_state_dict_pre_hook(merge_per_expert_keys)
 
+    # Set by a PEFT adapter on the experts (`modeling_llada_moe.peft_experts`) while it is active: called as
+    # `weight_delta(name, first, last)` with name "gate_up" / "down", it returns the additive update of experts
+    # [first, last) ([c, 2I, H] / [c, H, I]). Every read of the expert weights below adds it, so each experts backend
+    # and the quantized path apply the adapter.
+    weight_delta: Callable[[str, int, int], torch.Tensor] | None = None
+
     @property
     def gate_up_proj(self) -> torch.Tensor:
         """[E, 2I, H]; a view for plain weights (dequantized whole for quantized ones: prefer chunks())."""
         rows = self.gate_up.out_features
-        return dequantize_rows(self.gate_up, 0, rows, self.dense_dtype).view(self.num_experts, -1, self.hidden_dim)
+        weight = dequantize_rows(self.gate_up, 0, rows, self.dense_dtype).view(self.num_experts, -1, self.hidden_dim)
+        return self._adapted("gate_up", weight, 0)
 
     @property
     def down_proj(self) -> torch.Tensor:
         """[E, H, I]; a view for plain weights (dequantized whole for quantized ones: prefer chunks())."""
         rows = self.down.out_features
-        return dequantize_rows(self.down, 0, rows, self.dense_dtype).view(self.num_experts, self.hidden_dim, -1)
+        weight = dequantize_rows(self.down, 0, rows, self.dense_dtype).view(self.num_experts, self.hidden_dim, -1)
+        return self._adapted("down", weight, 0)
+
+    def _adapted(self, name: str, weight: torch.Tensor, first: int) -> torch.Tensor:
+        if self.weight_delta is None:
+            return weight
+        return weight + self.weight_delta(name, first, first + weight.shape[0]).to(weight.dtype)
 
     @property
     def dense_dtype(self) -> torch.dtype:
@@ -367,7 +383,34 @@ class LLaDAMoEExperts(nn.Module):
         rows_up, rows_down = 2 * self.intermediate_dim, self.hidden_dim
         gate_up = dequantize_rows(self.gate_up, first * rows_up, last * rows_up, dtype)
         down = dequantize_rows(self.down, first * rows_down, last * rows_down, dtype)
-        return gate_up.view(last - first, rows_up, self.hidden_dim), down.view(last - first, rows_down, -1)
+        gate_up = self._adapted("gate_up", gate_up.view(last - first, rows_up, self.hidden_dim), first)
+        return gate_up, self._adapted("down", down.view(last - first, rows_down, -1), first)
+
+    def keep_local_experts(self, rank: int, size: int) -> None:
+        """Expert parallelism: keep only experts [rank*E/size, (rank+1)*E/size) (their contiguous rows of both
+        containers); `num_experts` becomes the local count and ids given to `forward` are local. Called on the meta
+        model before loading (`maybe_distribute_model`): the load-time conversion then keeps the same experts."""
+        if size < 1 or self.num_experts % size:
+            raise ValueError(
+                f"ep_size={size} does not divide num_experts={self.num_experts}: use an ep_size that divides it "
+                f"({[d for d in range(1, self.num_experts + 1) if self.num_experts % d == 0]})."
+            )
+        if type(self.gate_up) is not nn.Linear or not (self.gate_up.weight.is_floating_point()):
+            raise ValueError(
+                "expert parallelism (DistributedConfig(ep_size=...)) shards plain bf16/fp16/fp32 experts only; the "
+                f"experts here are {type(self.gate_up).__name__} with {self.gate_up.weight.dtype} weights (quantized?)."
+            )
+        local = self.num_experts // size
+        for linear, rows_per_expert in ((self.gate_up, 2 * self.intermediate_dim), (self.down, self.hidden_dim)):
+            weight = linear.weight
+            linear.weight = nn.Parameter(
+                weight.new_empty(local * rows_per_expert, weight.shape[1]), requires_grad=weight.requires_grad
+            )
+            linear.out_features = local * rows_per_expert
+        self.num_experts = local
+        self.expert_shard = (rank, size)
+        # transformers' grouped_mm / batched_mm skip the off-rank sentinel id when this is set.
+        self._is_expert_parallel = True
 
     def dense_expert(self, index: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """gate_up [2I, H] and down [H, I] of expert `index`, from the generation's cache when it holds them."""
@@ -387,10 +430,14 @@ class LLaDAMoEExperts(nn.Module):
         final_hidden_states = torch.zeros_like(hidden_states)
         gate_up_proj, down_proj = self.gate_up_proj.to(hidden_states.dtype), self.down_proj.to(hidden_states.dtype)
         with torch.no_grad():
-            expert_mask = F.one_hot(top_k_index, num_classes=self.num_experts).permute(2, 1, 0)
+            # One class more than the experts: under expert parallelism a route to another rank's expert arrives as
+            # id `num_experts` (weight 0), and is skipped.
+            expert_mask = F.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
             expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
         for expert_idx in expert_hit:
             expert_idx = expert_idx[0]
+            if expert_idx == self.num_experts:
+                continue
             top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
             current_state = hidden_states[token_idx]
             gate, up = F.linear(current_state, gate_up_proj[expert_idx]).chunk(2, dim=-1)
@@ -449,6 +496,13 @@ def llada_fused_experts_forward(
     self: LLaDAMoEExperts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
     """'llada_fused': the Triton fused-MoE kernels (dense or NF4 experts), imported on first use; needs triton."""
+    if self.weight_delta is not None:
+        # The kernels read the containers in place and would skip the adapter: run the dequantizing grouped_mm.
+        logger.warning_once(
+            "experts_implementation='llada_fused' does not apply a LoRA adapter on the experts; this forward uses "
+            "'grouped_mm_chunked' instead. Merge the adapter (merge_and_unload) to use the fused kernels."
+        )
+        return grouped_mm_chunked_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     from .fused_moe import fused_moe_experts_forward
 
     return fused_moe_experts_forward(self, hidden_states, top_k_index, top_k_weights)
@@ -603,6 +657,40 @@ class LLaDAMoEPreTrainedModel(PreTrainedModel):
         # transformers looks for the decorator in the source file of the model class; say it directly instead.
         return True
 
+    @classmethod
+    def maybe_distribute_model(cls, model, distributed_config, mesh_manager):
+        """transformers' tensor / expert / FSDP2 sharding, adapted to the flattened expert containers, whose rows are
+        read from per-expert checkpoint keys one expert at a time (a Shard(0) DTensor of [E*2I, H] would get the
+        wrong rows of each expert):
+
+        - expert parallelism: each rank first keeps only its own experts, whole; transformers' `ep_dispatch_experts`
+          then routes tokens to them and the load-time conversion reads only them;
+        - FSDP2 without expert parallelism: each experts module is its own `fully_shard` unit, sharded on the input
+          dimension (Shard(1): every expert's rows split alike, which per-expert keys are read into exactly), before
+          transformers shards the decoder layers around it.
+        """
+        if mesh_manager is None:
+            return super().maybe_distribute_model(model, distributed_config, mesh_manager)
+        experts = [module for module in model.modules() if isinstance(module, LLaDAMoEExperts)]
+        if distributed_config.ep_size > 1:
+            plan = {**model.ep_plan, **(distributed_config.ep_plan or {})}
+            rules = {style for name, style in plan.items() if name.endswith("layers.*.mlp.experts")}
+            if rules == {"ep_dispatch_experts"}:
+                ep_mesh = mesh_manager.get_mesh("ep")
+                for module in experts:
+                    module.keep_local_experts(ep_mesh.get_local_rank(), ep_mesh.size())
+        elif distributed_config.dp_size > 1 and experts:
+            from torch.distributed.fsdp import fully_shard
+            from torch.distributed.tensor import Shard
+            from transformers.distributed.fsdp import _get_fsdp_policy_kwargs
+
+            names = ("dp_replicate", "fsdp") if distributed_config.dp_replicate_size > 1 else "fsdp"
+            mesh = mesh_manager.get_mesh(names)
+            policy = _get_fsdp_policy_kwargs(distributed_config)
+            for module in experts:
+                fully_shard(module, mesh=mesh, shard_placement_fn=lambda param: Shard(1), **policy)
+        return super().maybe_distribute_model(model, distributed_config, mesh_manager)
+
     def post_init(self) -> None:
         super().post_init()
         # transformers expects every listed pattern to name a module of this model.
@@ -634,6 +722,12 @@ class LLaDAMoEPreTrainedModel(PreTrainedModel):
         their index, PyTorch `.bin` files, all of the same `variant`) are replaced: they are moved aside before the
         save, deleted after it, and put back if it fails. transformers itself only removes unused shards, so an
         unsharded file left next to a new index would be loaded instead of it."""
+        if any(getattr(module, "expert_shard", None) for module in self.modules()):
+            raise ValueError(
+                "this model was loaded with expert parallelism (DistributedConfig(ep_size=...)): each rank holds part "
+                "of the experts, so save_pretrained cannot write the checkpoint; save from a model loaded without "
+                "ep_size."
+            )
         if getattr(self, "hf_quantizer", None) is not None:
             # Packed 4-bit bytes and int8 rows cannot be cut back into per-expert tensors: a quantized model is saved
             # in its own flattened layout, which reloads exactly (transformers' reverse conversion would fail).
@@ -887,6 +981,8 @@ class LLaDAMoEForMaskedLM(DiffusionGenerationMixin, LLaDAMoEPreTrainedModel):
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     _tp_plan = {"lm_head": "colwise_gather_output"}
+    # FSDP2 (`DistributedConfig(fsdp_size=...)`): the head stays gathered from forward to backward, like the final norm.
+    _fsdp_plan = {"lm_head": "keep_full_weight"}
 
     def __init__(self, config: LLaDAMoEConfig):
         super().__init__(config)

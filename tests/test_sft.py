@@ -50,10 +50,10 @@ def trainer_for(tmp_path, model=None, **overrides):
 
 def training_draws(trainer, targets, supervised):
     """The documented per-row draws of a training step: row i of step s draws u, then its mask, from
-    `example_generator(seed, [0, s, process, i])`; t = (1 - eps) u + eps."""
+    `example_generator(seed, [0, s, i])` (i: the row's place in the step's global batch); t = (1 - eps) u + eps."""
     noise, masked = [], []
     for row in range(targets.shape[0]):
-        generator = example_generator(trainer.args.seed, [0, trainer.state.global_step, 0, row])
+        generator = example_generator(trainer.args.seed, [0, trainer.state.global_step, row])
         t = (1 - 1e-3) * torch.rand((), generator=generator) + 1e-3
         _, row_masked = bernoulli_mask(targets[row : row + 1], supervised[row : row + 1], t[None], MASK, generator)
         noise.append(t)

@@ -13,8 +13,10 @@ ends on an assistant turn. For LLaDA's "the last assistant turn given the histor
 the history as `prompt`.
 
 Every random draw (noise levels, masks, the random-length crop) comes from generators seeded by `args.seed`, the
-optimizer step and the row's position in it, never from the global RNG: resuming from a checkpoint continues bit for
-bit, and gradient accumulation of k micro-batches draws exactly what one batch of the same rows draws.
+optimizer step and the row's position in the step's global batch (process p's row i of n is row p*n + i), never from
+the global RNG: resuming from a checkpoint continues bit for bit, gradient accumulation of k micro-batches draws
+exactly what one batch of the same rows draws, and N processes (DDP, FSDP2) draw what one process given the whole
+global batch draws.
 """
 
 from __future__ import annotations
@@ -385,17 +387,20 @@ class DiffusionSFTTrainer(SFTTrainer):
         return (attention_mask.sum() if attention_mask is not None else torch.tensor(labels.numel())).cpu()
 
     def _step_generator(self, stream: int, *key) -> torch.Generator:
-        return example_generator(self.args.seed, [stream, self.state.global_step, self.args.process_index, *key])
+        return example_generator(self.args.seed, [stream, self.state.global_step, *key])
 
     def _noise(self, inputs, targets: torch.Tensor, supervised: torch.Tensor):
-        """Per-row noise levels t and masks. Training rows draw from (seed, step, process, position in the step);
+        """Per-row noise levels t and masks. Training rows draw from (seed, step, position in the step's global batch);
         evaluation rows from (seed, their token ids), so an evaluation is reproducible whatever the batching."""
         args: DiffusionSFTConfig = self.args
         rows = targets.shape[0]
         if self.model.training:
             index = inputs.get("sample_index")
             index = range(rows) if index is None else index.tolist()
-            total = inputs.get("rows_in_step", rows)
+            local_total = int(inputs.get("rows_in_step", rows))
+            # Process p holds rows [p*n, (p+1)*n) of the step's global batch (the data loader's shards, same sizes).
+            index = [args.process_index * local_total + i for i in index]
+            total = local_total * args.world_size
             generators = [self._step_generator(TRAIN_STREAM, i) for i in index]
             offset = self._step_generator(TRAIN_STREAM, -1)
         else:

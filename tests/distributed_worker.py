@@ -1,0 +1,193 @@
+"""The rank side of the 2-process tests (`tests/test_scale_out.py`): `torchrun --nproc-per-node 2
+tests/distributed_worker.py <folder> <out>` on CPU (gloo) runs every job below once and leaves `<out>/rank<r>.pt`.
+The single-process references call the same functions without torchrun.
+
+- expert parallelism: `<folder>` loaded with `DistributedConfig(tp_size=2, ep_size=2)` (attention heads split,
+  experts split whole), through transformers' AutoEP and through its all-to-all token exchange: logits,
+  `diffusion_generate` tokens, each rank's expert / attention bytes and its first layer's expert rows;
+- FSDP2 SFT: `DistributedConfig(fsdp_size=2)` (decoder layers and, inside them, the experts as `fully_shard`
+  units), `DiffusionSFTTrainer` for 3 steps of 2 rows per rank with a (model-only) checkpoint at step 2 and the
+  final `save_model`;
+- FSDP2 VRPO: `VRPOTrainer` with a reference model, both FSDP2-sharded, 2 steps.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from datasets import Dataset
+from transformers.distributed import DistributedConfig
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.tiny_task import reversal_examples, tiny_tokenizer  # noqa: E402
+from modeling_llada_moe import LLaDAMoEForMaskedLM  # noqa: E402
+from trl_ext import DiffusionSFTConfig, DiffusionSFTTrainer, VRPOConfig, VRPOTrainer  # noqa: E402
+
+
+ATTENTION_PROJECTIONS = ("q_proj.", "k_proj.", "v_proj.", "o_proj.")  # split by heads (the q/k norms replicate)
+ROWS_PER_STEP = 4  # the global batch of a training step: 2 per rank, or 2 x 2 accumulated in one process
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def load(folder: str, config: DistributedConfig | None = None) -> LLaDAMoEForMaskedLM:
+    kwargs = {"distributed_config": config} if config is not None else {}
+    return LLaDAMoEForMaskedLM.from_pretrained(folder, dtype=torch.float32, **kwargs)
+
+
+def fsdp(folder: str) -> LLaDAMoEForMaskedLM:
+    return load(folder, DistributedConfig(fsdp_size=2) if world_size() > 1 else None)
+
+
+def local_bytes(model, *fragments: str) -> int:
+    """Bytes of this rank's share of the parameters whose names contain one of `fragments` (all without any)."""
+    total = 0
+    for name, param in model.named_parameters():
+        if not fragments or any(fragment in name for fragment in fragments):
+            tensor = param.to_local() if hasattr(param, "to_local") else param
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(0, 120, (2, 12), generator=torch.Generator().manual_seed(0))
+    attention_mask = torch.ones_like(ids)
+    attention_mask[1, :3] = 0  # a left-padded row
+    return ids, attention_mask
+
+
+def inference(model) -> dict:
+    ids, attention_mask = inputs()
+    model.eval()
+    with torch.no_grad():
+        return {
+            "logits": model(ids, attention_mask=attention_mask).logits,
+            "tokens": model.diffusion_generate(ids[:, :6], max_new_tokens=8, block_length=8, steps=8),
+        }
+
+
+def expert_parallel(folder: str) -> dict:
+    results = {}
+    for name, config in {
+        # At inference transformers' AutoEP masks the off-rank routes and all-reduces (the ranks share the batch).
+        "auto": DistributedConfig(tp_size=2, ep_size=2),
+        # The token exchange training uses: each rank sends its half of the tokens to the owners of their experts.
+        "all_to_all": DistributedConfig(tp_size=2, ep_size=2, ep_implementation="all_to_all"),
+    }.items():
+        model = load(folder, config)
+        experts = model.model.layers[0].mlp.experts
+        results[name] = {
+            **inference(model),
+            "expert_bytes": local_bytes(model, "mlp.experts."),
+            # What the experts' storages hold (a view of the whole stack would keep every expert in memory).
+            "expert_storage_bytes": sum(
+                param.untyped_storage().nbytes() for name, param in model.named_parameters() if "mlp.experts." in name
+            ),
+            "attention_bytes": local_bytes(model, *ATTENTION_PROJECTIONS),
+            "local_experts": experts.num_experts,
+            "gate_up": experts.gate_up.weight.detach().clone(),
+            "down": experts.down.weight.detach().clone(),
+        }
+    return results
+
+
+def losses(trainer) -> list[float]:
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+def sft_args(out: Path, **overrides) -> DiffusionSFTConfig:
+    settings = dict(
+        output_dir=str(out),
+        per_device_train_batch_size=ROWS_PER_STEP // world_size() // (2 if world_size() == 1 else 1),
+        gradient_accumulation_steps=2 if world_size() == 1 else 1,
+        max_steps=3,
+        learning_rate=1e-2,
+        # The load-balancing loss is a product of batch means: each rank's differs from the global batch's.
+        load_balance_coef=0.0,
+        report_to="none",
+        use_cpu=True,
+        logging_steps=1,
+        # transformers 5.23 saves the model of a load-time-sharded run (gathered) but cannot resume its optimizer.
+        save_strategy="steps",
+        save_steps=2,
+        save_only_model=True,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    return DiffusionSFTConfig(**{**settings, **overrides})
+
+
+def sft(folder: str, out: Path) -> dict:
+    data = Dataset.from_list(reversal_examples(16, 0))
+    trainer = DiffusionSFTTrainer(
+        model=fsdp(folder), args=sft_args(out), train_dataset=data, processing_class=tiny_tokenizer()
+    )
+    memory = {"param_bytes": local_bytes(trainer.model), "expert_bytes": local_bytes(trainer.model, "mlp.experts.")}
+    trainer.train()
+    trainer.save_model(str(out / "final"))
+    optimizer_bytes = sum(
+        (value.to_local() if hasattr(value, "to_local") else value).nbytes
+        for state in trainer.optimizer.state.values()
+        for value in state.values()
+        if isinstance(value, torch.Tensor) and value.dim() > 0
+    )
+    return {"losses": losses(trainer), **memory, "optimizer_bytes": optimizer_bytes}
+
+
+def preference_data() -> Dataset:
+    rows = reversal_examples(8, 1)
+    return Dataset.from_dict(
+        {
+            "prompt": [row["prompt"] for row in rows],
+            "chosen": [row["completion"] for row in rows],
+            "rejected": [" ".join(reversed(row["completion"].split())) for row in rows],
+        }
+    )
+
+
+def vrpo(folder: str, out: Path) -> dict:
+    args = VRPOConfig(
+        output_dir=str(out),
+        per_device_train_batch_size=ROWS_PER_STEP // world_size() // (2 if world_size() == 1 else 1),
+        gradient_accumulation_steps=2 if world_size() == 1 else 1,
+        max_steps=2,
+        num_mc_samples=2,
+        beta=0.5,
+        learning_rate=1e-2,
+        report_to="none",
+        use_cpu=True,
+        logging_steps=1,
+        save_strategy="no",
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        gradient_checkpointing=False,
+    )
+    trainer = VRPOTrainer(
+        model=fsdp(folder),
+        ref_model=fsdp(folder),
+        args=args,
+        train_dataset=preference_data(),
+        processing_class=tiny_tokenizer(),
+    )
+    trainer.train()
+    return {"losses": losses(trainer)}
+
+
+def main(folder: str, out: Path) -> None:
+    results = {
+        "expert_parallel": expert_parallel(folder),
+        "sft": sft(folder, out / "sft"),
+        "vrpo": vrpo(folder, out / "vrpo"),
+    }
+    torch.save(results, out / f"rank{dist.get_rank()}.pt")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], Path(sys.argv[2]))
+    dist.barrier()
+    dist.destroy_process_group()

@@ -473,8 +473,9 @@ def grouped_mm_chunked_experts_forward(
     if not self.is_quantized:
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     output = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
-    routed_experts = torch.unique(top_k_index).tolist()
-    local = torch.full((self.num_experts,), -1, dtype=torch.long, device=top_k_index.device)
+    # Under expert parallelism a route to another rank's expert arrives as id `num_experts`: never computed here.
+    routed_experts = [index for index in torch.unique(top_k_index).tolist() if index < self.num_experts]
+    local = torch.full((self.num_experts + 1,), -1, dtype=torch.long, device=top_k_index.device)
     for start in range(0, len(routed_experts), EXPERTS_PER_CHUNK):
         chunk = routed_experts[start : start + EXPERTS_PER_CHUNK]
         local.fill_(-1)

@@ -27,7 +27,7 @@ from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
-CHUNK_BLOCKS = 4096  # quantization blocks per kernel call: 256K values (1 MiB of float32) at blocksize 64
+CHUNK_BLOCKS = 65536  # quantization blocks per kernel call: 4M values at blocksize 64 (few calls, small temporaries)
 
 
 def code_book(quant_type: str) -> torch.Tensor:

@@ -19,6 +19,7 @@ batch goes on for the other rows.
 from __future__ import annotations
 
 import asyncio
+import copy
 import hmac
 import json
 import logging
@@ -40,7 +41,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from transformers import PreTrainedTokenizerBase, StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
-from .generation_utils import REMASKING_STRATEGIES, DiffusionGenerationConfig
+from .generation_utils import DECODING_PRESETS, REMASKING_STRATEGIES, DiffusionGenerationConfig
 from .inference import end_of_turn_ids
 from .modeling_llada_moe import LLaDAMoEForMaskedLM
 
@@ -469,10 +470,14 @@ class Metrics:
 
 
 def preset_config(name: str, base: DiffusionGenerationConfig) -> DiffusionGenerationConfig:
-    """The named preset (`DiffusionGenerationConfig.from_preset`) with `base`'s token ids, canvas length and EOS
-    rule: a preset picks the decoding strategy, the model keeps its own ids. Unknown names are a `ValueError`."""
-    keep = ("mask_token_id", "eos_token_id", "pad_token_id", "bos_token_id", "max_new_tokens", "stop_at_eos")
-    return DiffusionGenerationConfig.from_preset(name, **{name: getattr(base, name) for name in keep})
+    """`base` with the decoding strategy of the named preset (`DiffusionGenerationConfig.from_preset`: its
+    remasking, parallel rule, cache and temperature); the canvas length, block length, steps and token ids stay
+    `base`'s. An unknown name is a `ValueError` listing the accepted ones."""
+    preset = DiffusionGenerationConfig.from_preset(name)
+    config = copy.deepcopy(base)
+    for setting in (*DECODING_PRESETS[name], "do_sample"):
+        setattr(config, setting, getattr(preset, setting))
+    return config
 
 
 @dataclass

@@ -322,6 +322,22 @@ def test_disconnect_mid_batch_cancels_its_rows_and_the_batch_goes_on(served, gat
                                                                messages=user("t3 t4 t5"))
     blocker()
 
+    # A batch whose only client has gone stops after the forward in flight.
+    gates.close(96)
+    stream = client.chat.completions.create(model=MODEL, messages=user("t96"), stream=True)
+    next(iter(stream))
+    gates.wait_entered(96)
+    stream.close()
+    wait_for(lambda: served.metric("llada_moe_cancelled_requests_total") == cancelled + 2, "the cancellation")
+    start = served.metric("llada_moe_forwards_total")
+    gates.hold[96].set()
+    follow_up = dict(model=MODEL, messages=user("t5"), extra_body={"remasking": "entropy"})
+    client.chat.completions.create(**follow_up)  # runs after the cancelled batch: the worker is serial
+    middle = served.metric("llada_moe_forwards_total")
+    client.chat.completions.create(**follow_up)
+    follow_up_forwards = served.metric("llada_moe_forwards_total") - middle
+    assert middle - start - follow_up_forwards == 1  # of the 16 the cancelled request would have taken
+
 
 def test_a_failing_batch_fails_only_its_requests(served, gates):
     client = served.client()
@@ -474,3 +490,105 @@ def test_random_bodies_get_400_never_500(served, endpoint, body):
         assert set(error) == {"message", "type", "param", "code"} and error["message"]
         if error["param"] is not None:
             assert error["param"].split("[")[0].split(".")[0] in error["message"], error
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the command line, the import rule
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def chat_folder(tmp_path_factory) -> Path:
+    return save_tiny_folder(tmp_path_factory.mktemp("serve_folder"), **DEFAULTS)
+
+
+def test_serve_command_refuses_bad_input_with_exit_2(chat_folder, capsys):
+    from modeling_llada_moe.cli import main
+
+    for argv, message in (
+        (["serve", "/no/such/folder"], "'/no/such/folder': no such folder"),
+        (["serve", str(chat_folder), "--preset", "turbo"], "--preset 'turbo': "),
+        (["serve", str(chat_folder), "--steps", "1"], "--steps=1 is invalid; expected a positive integer, at least"),
+    ):
+        assert main(argv) == 2, argv
+        assert message in capsys.readouterr().err, argv
+    for argv, message in (
+        (["serve", str(chat_folder), "--port", "70000"], "'70000' is not a port number in 1..65535"),
+        (["serve", str(chat_folder), "--max-batch-size", "0"], "'0' is not a positive integer"),
+        (["serve", str(chat_folder), "--batch-window-ms", "-1"], "'-1' is not a number >= 0"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err, argv
+
+
+def test_serve_command_drains_in_flight_requests_on_sigterm(chat_folder):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "modeling_llada_moe.cli", "serve", str(chat_folder), "--port", str(port),
+               "--served-model-name", MODEL, "--max-new-tokens", "32", "--log-level", "warning"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+
+        def healthy() -> bool:
+            assert process.poll() is None, process.stdout.read()
+            try:
+                return httpx.get(url + "/health", timeout=1).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_for(healthy, "the server to start")
+        body = {"model": MODEL, "messages": user("t1 t2"), "stream": True}
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=TIMEOUT) as response:
+            lines = response.iter_lines()
+            assert next(lines).startswith("data: ")  # in flight
+            process.send_signal(signal.SIGTERM)
+            rest = [line for line in lines if line]
+        assert rest[-1] == "data: [DONE]" and '"finish_reason":' in rest[-2].replace(" ", "")
+        # uvicorn re-raises the signal once it has shut down, so the exit status is SIGTERM's, without a traceback
+        assert process.wait(TIMEOUT) in (0, -signal.SIGTERM)
+        assert "Traceback" not in process.stdout.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(TIMEOUT)
+
+
+APP_LAYER = {"cli", "evaluation", "inference", "hub", "serve", "fastapi", "uvicorn", "starlette", "prometheus_client",
+             "openai", "quantization", "trl_ext"}
+
+
+def test_the_hub_model_files_never_import_the_server():
+    from test_hub_roundtrip import MODEL_FILES
+
+    for name in MODEL_FILES:
+        tree = ast.parse((ROOT / "modeling_llada_moe" / name).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                modules = [node.module or ""] + [alias.name for alias in node.names if not node.module]
+            else:
+                continue
+            for module in modules:
+                assert not APP_LAYER & set(module.split(".")), f"{name} imports {module}"
+
+
+def test_the_command_line_works_without_the_serve_extra(chat_folder, monkeypatch, capsys):
+    # cli.py imports the server only inside `llada-moe serve`, so the other commands need none of its packages ...
+    tree = ast.parse((ROOT / "modeling_llada_moe" / "cli.py").read_text())
+    top_level = [node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))]
+    names = {alias.name for node in top_level for alias in node.names} | {node.module for node in top_level
+                                                                          if isinstance(node, ast.ImportFrom)}
+    assert not {"serve", "uvicorn", "fastapi", "prometheus_client"} & names
+    # ... and without them `llada-moe serve` says what to install (exit 1: nothing wrong with the input).
+    from modeling_llada_moe.cli import main
+
+    monkeypatch.delitem(sys.modules, "modeling_llada_moe.serve")
+    for name in ("fastapi", "uvicorn", "prometheus_client"):
+        monkeypatch.setitem(sys.modules, name, None)
+    assert main(["serve", str(chat_folder)]) == 1
+    assert "needs the serve extra: pip install 'llada-moe[serve]'" in capsys.readouterr().err

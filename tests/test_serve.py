@@ -592,3 +592,43 @@ def test_the_command_line_works_without_the_serve_extra(chat_folder, monkeypatch
         monkeypatch.setitem(sys.modules, name, None)
     assert main(["serve", str(chat_folder)]) == 1
     assert "needs the serve extra: pip install 'llada-moe[serve]'" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the example client and the Gradio demo's --server mode
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def load_example(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"llada_moe_{name}", ROOT / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_serve_client_example(served, capsys):
+    load_example("serve_client").main(["--base-url", served.url + "/v1", "--model", MODEL, "--prompt", "t1 t2 t3",
+                                       "--max-tokens", "16"])
+    out = capsys.readouterr().out
+    expected = direct_answer(served.model, served.tokenizer, messages=user("t1 t2 t3"))
+    assert "finish_reason=" in out and f"\n{expected}\n" in out
+    assert "streamed, one delta per finished block:\n" + expected in out
+    assert "sampled choice 1 (temperature 0.8, seed 0)" in out and "completion (no chat template" in out
+
+
+def test_gradio_demo_chats_through_a_running_server(served):
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    app = load_example("app")
+    settings = app.decoding_settings(16, 8, 0, 0, "none", 0.0, "low_confidence")
+    messages = [*user("t1 t2"), {"role": "assistant", "content": "t2 t1"}, *user("t3 t4")]
+    answers = list(app.stream_from_server(served.url, messages, settings))
+    expected = direct_answer(served.model, served.tokenizer, messages=messages)
+    assert (answers[-1] if answers else "") == expected and len(answers) <= 2  # one per block with new text
+    assert app.server_fields(app.decoding_settings(32, 8, 8, 0.9, "dual", 0.5, "margin")) == {
+        "max_tokens": 32, "temperature": 0.5, "block_length": 8, "steps": 8, "threshold": 0.9, "remasking": "margin",
+        "cache": "dual"}
+    assert app.build_remote_demo(served.url, max_new_tokens=16, block_length=8) is not None
+    with pytest.raises(SystemExit):
+        app.main(["--server", "localhost:8000"])

@@ -52,6 +52,7 @@ BENCHMARKS = {
     "generation": "decoding modes of diffusion_generate: NFE, tokens/forward, tokens/s (tiny trained model on CPU)",
     "forward": "one forward per experts implementation: latency and peak memory (7B-shaped layer)",
     "moe": "the MoE block alone per experts backend, bf16 and NF4, against the memory-bandwidth bound (GPU)",
+    "serve": "llada-moe serve: requests/s and p50/p95 latency, batched vs --max-batch-size 1 (tiny model on CPU)",
 }
 # Decoding flags whose value is the `DiffusionGenerationConfig` field of the same name (dashes for underscores).
 PLAIN_DECODING_FIELDS = (

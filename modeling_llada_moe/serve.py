@@ -344,6 +344,7 @@ class Scheduler:
             if job in self.pending:
                 self.pending.remove(job)
                 self.metrics.queue_depth.set(sum(len(queued.rows) for queued in self.pending))
+        job.send("cancelled")  # ends the handler waiting for the job's events
         self.metrics.cancelled.inc()
 
     def close(self, timeout: float | None = None) -> None:
@@ -577,9 +578,12 @@ class Server:
                                f"{self.model.config.max_position_embeddings}, less "
                                f"{self.scheduler.reserved_positions} for batching)", param=param,
                                code="context_length_exceeded")
-        seed = body.get("seed", self.options.seed)
+        seed = body.get("seed")
         if seed is not None and (not is_int(seed) or not 0 <= seed < 2**63):
             raise bad("seed", seed, "an integer in [0, 2**63)")
+        seed = self.options.seed if seed is None else seed
+        if config.temperature == 0 and config.remasking != "random":
+            seed = None  # greedy decoding draws nothing: no generator, and the job batches with any other
         stream = body.get("stream", False)
         if stream is None:
             stream = False
@@ -692,16 +696,20 @@ class Server:
             where = f"messages[{i}]"
             if not isinstance(message, dict):
                 raise bad(where, message, "an object with `role` and `content`")
-            extra = sorted(set(message) - {"role", "content", "name"})
+            extra = sorted(set(message) - {"role", "content"})
             if extra:
-                raise bad(where, message, f"only `role`, `content` and `name` (got {extra})")
+                raise bad(where, message, f"an object with `role` and `content` only (got {extra})")
             role = message.get("role")
             if role not in ("system", "developer", "user", "assistant"):
                 raise bad(f"{where}.role", role, "'system', 'developer', 'user' or 'assistant'")
             turns.append({"role": "system" if role == "developer" else role,
                           "content": self.content_text(f"{where}.content", message.get("content"))})
-        with self.tokenizer_lock:
-            text = self.tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+        try:
+            with self.tokenizer_lock:
+                text = self.tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+        except Exception as err:  # jinja2's TemplateError: a template may refuse an order of roles
+            raise APIError(400, f"the model's chat template refused these messages: {err}", param="messages",
+                           code="invalid_value") from err
         return [self.encode("messages", text)]
 
     @staticmethod
@@ -766,9 +774,12 @@ class Server:
         kind = job.kind + (".chunk" if chunk and job.kind == "chat.completion" else "")
         return {"id": prefix + job.id, "object": kind, "created": job.created, "model": self.options.model_name}
 
-    async def complete(self, job: Job) -> dict[str, Any]:
+    async def complete(self, job: Job) -> dict[str, Any] | None:
+        """The response body of a non-streamed job; None when it was cancelled (its client has gone)."""
         while True:
             kind, payload = await job.events.get()
+            if kind == "cancelled":
+                return None
             if kind == "error":
                 raise APIError(500, f"decoding failed: {payload}", code="decoding_failed", kind="server_error")
             if kind == "done":
@@ -813,6 +824,8 @@ class Server:
                     yield self.chunk(job, row.index, role=True)
             while True:
                 kind, payload = await job.events.get()
+                if kind == "cancelled":
+                    return
                 if kind == "error":
                     error = APIError(500, f"decoding failed: {payload}", code="decoding_failed", kind="server_error")
                     yield f"data: {json.dumps(error.body())}\n\n"
@@ -920,6 +933,9 @@ def create_app(model: LLaDAMoEForMaskedLM, tokenizer: PreTrainedTokenizerBase,
             result = await server.complete(job)
         finally:
             watcher.cancel()
+        if result is None:  # nobody to answer: nginx's "client closed request"
+            server.metrics.requests.labels(endpoint, "499").inc()
+            return Response(status_code=499)
         server.metrics.requests.labels(endpoint, "200").inc()
         return JSONResponse(result)
 

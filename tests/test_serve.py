@@ -481,7 +481,7 @@ FIELD_VALUES = {
 }
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                  HealthCheck.too_slow])
 @given(endpoint=st.sampled_from(["/v1/chat/completions", "/v1/completions"]),
        body=st.fixed_dictionaries({}, optional=FIELD_VALUES) | JSON)

@@ -536,7 +536,7 @@ def test_serve_command_drains_in_flight_requests_on_sigterm(chat_folder):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     command = [sys.executable, "-m", "modeling_llada_moe.cli", "serve", str(chat_folder), "--port", str(port),
-               "--served-model-name", MODEL, "--max-new-tokens", "32", "--log-level", "warning"]
+               "--served-model-name", MODEL, "--max-new-tokens", "64", "--preset", "llada", "--log-level", "warning"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

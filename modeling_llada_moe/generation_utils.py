@@ -87,6 +87,27 @@ DIFFUSION_DEFAULTS: dict[str, Any] = {
 }
 
 
+# Named decoding settings for `DiffusionGenerationConfig.from_preset`: only the decoding-strategy fields, every one
+# written out so that a preset also switches off what another one turned on.
+DECODING_PRESETS: dict[str, dict[str, Any]] = {
+    # LLaDA `generate.py`: greedy, one token per step, low-confidence remasking, no cache (token-exact).
+    "llada": dict(
+        temperature=0.0, remasking="low_confidence", threshold=None, factor=None, cache_implementation=None,
+        use_cache=None,
+    ),
+    # Fast-dLLM (`llada/generate.py`): confidence threshold 0.9 with the dual cache, refreshed at every block start.
+    "fast_dllm": dict(
+        temperature=0.0, remasking="low_confidence", threshold=0.9, factor=None, cache_implementation="dual",
+        use_cache=True,
+    ),
+    # dInfer's LLaDA-MoE evaluation (`evaluations/eval_llada_moe.sh`): threshold 0.76 with the dual cache.
+    "dinfer": dict(
+        temperature=0.0, remasking="low_confidence", threshold=0.76, factor=None, cache_implementation="dual",
+        use_cache=True,
+    ),
+}
+
+
 def is_int(value) -> bool:
     """An integer that is not a bool (True / False are not token ids or counts)."""
     return isinstance(value, int) and not isinstance(value, bool)
@@ -183,6 +204,25 @@ class DiffusionGenerationConfig(GenerationConfig):
             # Written out, so that pipelines see greedy decoding as set and add no sampling defaults of their own.
             kwargs["do_sample"] = kwargs["temperature"] > 0
         super().__init__(**kwargs)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> DiffusionGenerationConfig:
+        """A config holding the decoding settings of a named sampler (`DECODING_PRESETS`), then `overrides`.
+
+        `"llada"`: the LLaDA reference sampler (greedy, low-confidence remasking, no cache, token-exact);
+        `"fast_dllm"`: Fast-dLLM's threshold 0.9 with a dual cache; `"dinfer"`: dInfer's LLaDA-MoE evaluation
+        settings. Lengths (`max_new_tokens`, `block_length`, `steps`) and token ids stay at their defaults unless
+        overridden, e.g. `from_preset("fast_dllm", max_new_tokens=256, threshold=0.8)`. An unknown name raises a
+        `ValueError` listing the accepted ones; the result is validated.
+        """
+        if not isinstance(name, str) or name not in DECODING_PRESETS:
+            raise ValueError(
+                f"DiffusionGenerationConfig.from_preset: unknown preset {name!r}; expected one of "
+                f"{tuple(DECODING_PRESETS)}"
+            )
+        config = cls(**{**DECODING_PRESETS[name], **overrides})
+        config.validate()
+        return config
 
     @staticmethod
     def _get_default_generation_params() -> dict[str, Any]:

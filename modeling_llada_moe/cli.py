@@ -26,7 +26,7 @@ import torch
 from transformers import AutoModel, PreTrainedTokenizerBase, TextStreamer
 
 from .configuration_llada_moe import LLaDAMoEConfig
-from .generation_utils import REMASKING_STRATEGIES, DiffusionGenerationConfig
+from .generation_utils import DECODING_PRESETS, REMASKING_STRATEGIES, DiffusionGenerationConfig, decoding_preset
 from .hub import hub_token, login_help, push_folder
 from .inference import (
     DTYPES,
@@ -130,6 +130,12 @@ def shard_size(text: str) -> str | int:
 def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags that mirror `DiffusionGenerationConfig`; a flag left out keeps the model's generation_config.json."""
     group = parser.add_argument_group("decoding (flags left out keep the model's generation_config.json)")
+    group.add_argument(
+        "--preset",
+        choices=tuple(DECODING_PRESETS),
+        help="named decoding settings (DiffusionGenerationConfig.from_preset): llada = the reference sampler, "
+        "fast_dllm = threshold 0.9 + dual cache, dinfer = dInfer's LLaDA-MoE settings; other flags override it",
+    )
     group.add_argument("--max-new-tokens", type=positive_int, metavar="N", help="answer canvas length (default 128)")
     group.add_argument(
         "--steps",
@@ -185,7 +191,11 @@ def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
 
 def decoding_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The `DiffusionGenerationConfig` fields the parsed decoding flags set; flags left out are not in the dict."""
-    kwargs = {name: getattr(args, name) for name in PLAIN_DECODING_FIELDS if getattr(args, name) is not None}
+    kwargs = decoding_preset(args.preset) if getattr(args, "preset", None) else {}
+    kwargs.update({name: getattr(args, name) for name in PLAIN_DECODING_FIELDS if getattr(args, name) is not None})
+    if args.cache is not None and kwargs.get("cache_implementation") and args.cache == "none":
+        # --cache none over a cached preset: its cache-only knobs go too
+        kwargs.update(cache_refresh_interval=None, cache_vicinity=None, cache_warmup_steps=0)
     if args.cache is not None:
         kwargs["cache_implementation"] = None if args.cache == "none" else args.cache
         kwargs["use_cache"] = args.cache != "none"

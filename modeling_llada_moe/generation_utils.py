@@ -120,6 +120,18 @@ PRESET_FIELDS_OFF = dict(
 )
 
 
+def decoding_preset(name: str) -> dict[str, Any]:
+    """The `DiffusionGenerationConfig` fields of a named preset, every strategy field written out (those the preset
+    does not use at their "off" value), to apply over any config: e.g. `model.generate(ids, **decoding_preset(
+    "fast_dllm"))` keeps the model's token ids and lengths. An unknown name raises a `ValueError` naming the accepted
+    ones."""
+    if not isinstance(name, str) or name not in DECODING_PRESETS:
+        raise ValueError(
+            f"DiffusionGenerationConfig.from_preset: unknown preset {name!r}; expected one of {tuple(DECODING_PRESETS)}"
+        )
+    return {**PRESET_FIELDS_OFF, **DECODING_PRESETS[name]}
+
+
 def is_int(value) -> bool:
     """An integer that is not a bool (True / False are not token ids or counts)."""
     return isinstance(value, int) and not isinstance(value, bool)
@@ -265,12 +277,7 @@ class DiffusionGenerationConfig(GenerationConfig):
         overridden, e.g. `from_preset("fast_dllm", max_new_tokens=256, threshold=0.8)`. An unknown name raises a
         `ValueError` listing the accepted ones; the result is validated.
         """
-        if not isinstance(name, str) or name not in DECODING_PRESETS:
-            raise ValueError(
-                f"DiffusionGenerationConfig.from_preset: unknown preset {name!r}; expected one of "
-                f"{tuple(DECODING_PRESETS)}"
-            )
-        config = cls(**{**PRESET_FIELDS_OFF, **DECODING_PRESETS[name], **overrides})
+        config = cls(**{**decoding_preset(name), **overrides})
         config.validate()
         return config
 

@@ -46,7 +46,7 @@ import gradio as gr  # noqa: E402
 from denoise_viz import COMMITTED, MASKED, NEW, STOPPED, Cell, canvas_cells, step_colour, text_colour  # noqa: E402
 from transformers.generation.streamers import BaseStreamer  # noqa: E402
 
-from modeling_llada_moe.generation_utils import REMASKING_STRATEGIES  # noqa: E402
+from modeling_llada_moe.generation_utils import DECODING_PRESETS, REMASKING_STRATEGIES, decoding_preset  # noqa: E402
 from modeling_llada_moe.inference import (  # noqa: E402
     decode_completion,
     encode_prompt,
@@ -56,6 +56,7 @@ from modeling_llada_moe.inference import (  # noqa: E402
 
 
 CACHE_CHOICES = ["none", "prefix", "dual"]
+PRESET_CHOICES = ["custom", *DECODING_PRESETS]  # "custom": the threshold / cache / temperature / remasking controls
 BLOCK_CHOICES = [4, 8, 16, 32, 64, 128]
 MASK_GLYPH = "▒▒"
 
@@ -188,9 +189,12 @@ def decoding_settings(
     cache: str,
     temperature: float,
     remasking: str,
+    preset: str = "custom",
 ) -> dict[str, Any]:
     """`diffusion_generate` keywords from the UI controls: `steps` 0 = one token per step, `threshold` 0 = off,
-    `cache` one of none / prefix / dual. Raises `ValueError` naming a value the controls cannot mean."""
+    `cache` one of none / prefix / dual; a `preset` other than "custom" (`DiffusionGenerationConfig.from_preset`)
+    replaces the threshold, cache, temperature and remasking controls. Raises `ValueError` naming a value the
+    controls cannot mean."""
 
     def whole(name: str, value: float) -> int:
         if value is None or float(value) != int(value):
@@ -201,7 +205,9 @@ def decoding_settings(
         raise ValueError(f"cache={cache!r}: expected one of {CACHE_CHOICES}")
     if remasking not in REMASKING_STRATEGIES:
         raise ValueError(f"remasking={remasking!r}: expected one of {list(REMASKING_STRATEGIES)}")
-    return {
+    if preset not in PRESET_CHOICES:
+        raise ValueError(f"preset={preset!r}: expected one of {PRESET_CHOICES}")
+    settings = {
         "max_new_tokens": whole("max_new_tokens", max_new_tokens),
         "block_length": whole("block_length", block_length),
         "steps": whole("steps", steps) or None,
@@ -210,6 +216,9 @@ def decoding_settings(
         "temperature": float(temperature),
         "remasking": remasking,
     }
+    if preset != "custom":
+        settings.update(decoding_preset(preset))
+    return settings
 
 
 def build_demo(
@@ -225,7 +234,7 @@ def build_demo(
 ) -> gr.Blocks:
     """The chat demo as a `gr.Blocks` (not launched): pass a loaded model and its tokenizer (with a chat template)
     and the initial values of the decoding controls. Its `/chat` endpoint takes (message, history, max_new_tokens,
-    block_length, steps, threshold, cache, temperature, remasking, stop_at_turn_end) and streams (chat history,
+    block_length, steps, threshold, cache, temperature, remasking, stop_at_turn_end, preset) and streams (chat history,
     canvas HTML, status, cleared textbox)."""
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError("build_demo: the tokenizer has no chat template; the demo needs one for multi-turn chat")
@@ -235,7 +244,10 @@ def build_demo(
     mask_id = model.config.mask_token_id if mask_id is None else mask_id
     turn_end = end_of_turn_ids(tokenizer)
 
-    def chat(message, history, max_new_tokens, block_length, steps, threshold, cache, temperature, remasking, stop):
+    def chat(
+        message, history, max_new_tokens, block_length, steps, threshold, cache, temperature, remasking, stop,
+        preset="custom",
+    ):
         if not message or not message.strip():
             raise gr.Error("Type a message first.")
         turns = [{"role": m["role"], "content": message_text(m["content"])} for m in history or []]
@@ -243,7 +255,9 @@ def build_demo(
         turns = [turn for turn in turns if not turn["content"].startswith(PROGRESS_PREFIX)]
         turns.append({"role": "user", "content": message})
         try:
-            settings = decoding_settings(max_new_tokens, block_length, steps, threshold, cache, temperature, remasking)
+            settings = decoding_settings(
+                max_new_tokens, block_length, steps, threshold, cache, temperature, remasking, preset
+            )
             input_ids = encode_prompt(tokenizer, messages=turns).to(model.device)
         except ValueError as err:
             raise gr.Error(str(err)) from err
@@ -305,7 +319,13 @@ def build_demo(
                 temperature_box = gr.Slider(0, 2, value=temperature, step=0.1, label="temperature (0 = greedy)")
                 remasking_box = gr.Dropdown(list(REMASKING_STRATEGIES), value="low_confidence", label="remasking")
                 stop_box = gr.Checkbox(value=True, label="stop at end of turn")
-        controls = [new_tokens, blocks, steps_box, threshold_box, cache_box, temperature_box, remasking_box, stop_box]
+                preset_box = gr.Dropdown(
+                    PRESET_CHOICES, value="custom", label="preset (replaces threshold, cache, temperature, remasking)"
+                )
+        controls = [
+            new_tokens, blocks, steps_box, threshold_box, cache_box, temperature_box, remasking_box, stop_box,
+            preset_box,
+        ]
         gr.on(
             triggers=[textbox.submit, send.click],
             fn=chat,

@@ -28,7 +28,7 @@ import torch
 from transformers import AutoModel, PreTrainedTokenizerBase, TextStreamer
 
 from .configuration_llada_moe import LLaDAMoEConfig
-from .generation_utils import REMASKING_STRATEGIES, DiffusionGenerationConfig
+from .generation_utils import DECODING_PRESETS, REMASKING_STRATEGIES, DiffusionGenerationConfig, decoding_preset
 from .hub import hub_token, login_help, push_folder
 from .inference import (
     DTYPES,
@@ -137,6 +137,12 @@ def shard_size(text: str) -> str | int:
 def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags that mirror `DiffusionGenerationConfig`; a flag left out keeps the model's generation_config.json."""
     group = parser.add_argument_group("decoding (flags left out keep the model's generation_config.json)")
+    group.add_argument(
+        "--preset",
+        choices=tuple(DECODING_PRESETS),
+        help="named decoding settings (DiffusionGenerationConfig.from_preset): llada = the reference sampler, "
+        "fast_dllm = threshold 0.9 + dual cache, dinfer = dInfer's LLaDA-MoE settings; other flags override it",
+    )
     group.add_argument("--max-new-tokens", type=positive_int, metavar="N", help="answer canvas length (default 128)")
     group.add_argument(
         "--steps",
@@ -192,7 +198,11 @@ def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
 
 def decoding_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The `DiffusionGenerationConfig` fields the parsed decoding flags set; flags left out are not in the dict."""
-    kwargs = {name: getattr(args, name) for name in PLAIN_DECODING_FIELDS if getattr(args, name) is not None}
+    kwargs = decoding_preset(args.preset) if getattr(args, "preset", None) else {}
+    kwargs.update({name: getattr(args, name) for name in PLAIN_DECODING_FIELDS if getattr(args, name) is not None})
+    if args.cache is not None and kwargs.get("cache_implementation") and args.cache == "none":
+        # --cache none over a cached preset: its cache-only knobs go too
+        kwargs.update(cache_refresh_interval=None, cache_vicinity=None, cache_warmup_steps=0)
     if args.cache is not None:
         kwargs["cache_implementation"] = None if args.cache == "none" else args.cache
         kwargs["use_cache"] = args.cache != "none"
@@ -456,25 +466,19 @@ def run_chat(args: argparse.Namespace) -> int:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    if args.preset is not None:
-        try:  # a bad name fails before the model loads
-            DiffusionGenerationConfig.from_preset(args.preset)
-        except ValueError as err:
-            raise ValueError(f"--preset {args.preset!r}: {err}") from err
     check_model_source(args.model)
     try:
         import uvicorn
 
-        from .serve import ServeOptions, create_app, preset_config
+        from .serve import ServeOptions, create_app
     except ImportError as err:
         raise ImportError(f"`llada-moe serve` needs the serve extra: pip install 'llada-moe[serve]' ({err})") from err
     model, tokenizer = load(args)
-    base = preset_config(args.preset, model.generation_config) if args.preset is not None else None
-    kwargs = decoding_kwargs(args)
+    kwargs = decoding_kwargs(args)  # --preset, then the flags
     stops = kwargs.pop("stop_strings", [])
     options = ServeOptions(
         model_name=args.served_model_name or args.model,
-        defaults=resolve_decoding(model, base, kwargs),
+        defaults=resolve_decoding(model, None, kwargs),
         stop=tuple(stops),
         seed=args.seed,
         max_batch_size=args.max_batch_size,
@@ -776,11 +780,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("LLADA_MOE_API_KEY"),
         metavar="KEY",
         help="require `Authorization: Bearer KEY` on /v1/* (default: $LLADA_MOE_API_KEY; none = open)",
-    )
-    group.add_argument(
-        "--preset",
-        metavar="NAME",
-        help="decoding preset (DiffusionGenerationConfig.from_preset: llada, fast_dllm, dinfer); flags apply on top",
     )
     group.add_argument(
         "--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"), help="uvicorn's"

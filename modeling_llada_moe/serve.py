@@ -19,7 +19,6 @@ batch goes on for the other rows.
 from __future__ import annotations
 
 import asyncio
-import copy
 import hmac
 import json
 import logging
@@ -41,7 +40,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from transformers import PreTrainedTokenizerBase, StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
-from .generation_utils import DECODING_PRESETS, REMASKING_STRATEGIES, DiffusionGenerationConfig
+from .generation_utils import REMASKING_STRATEGIES, DiffusionGenerationConfig, decoding_preset
 from .inference import end_of_turn_ids
 from .modeling_llada_moe import LLaDAMoEForMaskedLM
 
@@ -470,17 +469,6 @@ class Metrics:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def preset_config(name: str, base: DiffusionGenerationConfig) -> DiffusionGenerationConfig:
-    """`base` with the decoding strategy of the named preset (`DiffusionGenerationConfig.from_preset`: its
-    remasking, parallel rule, cache and temperature); the canvas length, block length, steps and token ids stay
-    `base`'s. An unknown name is a `ValueError` listing the accepted ones."""
-    preset = DiffusionGenerationConfig.from_preset(name)
-    config = copy.deepcopy(base)
-    for setting in (*DECODING_PRESETS[name], "do_sample"):
-        setattr(config, setting, getattr(preset, setting))
-    return config
-
-
 @dataclass
 class ServeOptions:
     """Settings of `create_app`.
@@ -527,7 +515,6 @@ class Server:
                  "num_return_sequences": 1, "return_dict_in_generate": False, "output_history": False}
         self.fixed = fixed
         self.base = model._resolve_generation_config(base, dict(fixed))
-        self.presets: dict[str, DiffusionGenerationConfig] = {}
         self.tokenizer_lock = threading.Lock()
         self.mask_id = self.base.mask_token_id if self.base.mask_token_id is not None else model.config.mask_token_id
         self.metrics = Metrics()
@@ -655,34 +642,30 @@ class Server:
             if remasking not in REMASKING_STRATEGIES:
                 raise bad("remasking", remasking, f"one of {list(REMASKING_STRATEGIES)}")
             kwargs["remasking"] = remasking
+        preset = body.get("preset")
+        if preset is not None:
+            check_text("preset", preset)
+            try:  # the preset's strategy fields over the server's defaults, then the request's own fields
+                kwargs = {**decoding_preset(preset), **kwargs}
+            except ValueError as err:
+                raise APIError(400, f"`preset`={preset!r}: {err}", param="preset", code="invalid_value") from err
         cache = body.get("cache")
         if cache is not None:
             if cache not in CACHE_CHOICES:
                 raise bad("cache", cache, f"one of {list(CACHE_CHOICES)}")
+            if cache == "none" and kwargs.get("cache_implementation"):
+                # no cache over a cached preset: its cache-only knobs go too (as `--cache none` does)
+                kwargs.update(cache_refresh_interval=None, cache_vicinity=None, cache_warmup_steps=0)
             kwargs["cache_implementation"] = None if cache == "none" else cache
             kwargs["use_cache"] = cache != "none"
-        base = self.base
-        preset = body.get("preset")
-        if preset is not None:
-            check_text("preset", preset)
-            base = self.preset(preset)
         try:
-            return self.model._resolve_generation_config(base, kwargs)
+            return self.model._resolve_generation_config(self.base, kwargs)
         except (ValueError, TypeError) as err:
             message = str(err).replace("DiffusionGenerationConfig: ", "")
             found = re.search(r"`(\w+)`", message)
             name = REQUEST_NAMES.get(found.group(1), found.group(1)) if found else None
             message = re.sub(r"`(\w+)`", lambda m: f"`{REQUEST_NAMES.get(m.group(1), m.group(1))}`", message)
             raise APIError(400, message, param=name, code="invalid_value") from err
-
-    def preset(self, name: str) -> DiffusionGenerationConfig:
-        if name not in self.presets:
-            try:
-                config = preset_config(name, self.base)
-            except ValueError as err:
-                raise APIError(400, f"`preset`={name!r}: {err}", param="preset", code="invalid_value") from err
-            self.presets[name] = self.model._resolve_generation_config(config, dict(self.fixed))
-        return self.presets[name]
 
     def chat_prompt(self, body: dict) -> list[list[int]]:
         messages = body.get("messages")

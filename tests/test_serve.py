@@ -257,11 +257,11 @@ def test_extra_body_knobs_preset_and_seed(served):
     response = client.chat.completions.create(model=MODEL, messages=messages, extra_body=knobs)
     assert response.choices[0].message.content == expected
 
-    preset = DiffusionGenerationConfig.from_preset("fast_dllm")
-    expected = direct_answer(served.model, served.tokenizer, messages=messages, threshold=preset.threshold,
-                             cache_implementation=preset.cache_implementation)
-    response = client.chat.completions.create(model=MODEL, messages=messages, extra_body={"preset": "fast_dllm"})
-    assert response.choices[0].message.content == expected
+    for preset in ("fast_dllm", "dinfer"):  # the preset's strategy over the model's lengths and ids
+        config = DiffusionGenerationConfig.from_preset(preset, **DEFAULTS)
+        expected = direct_answer(served.model, served.tokenizer, messages=messages, generation_config=config)
+        response = client.chat.completions.create(model=MODEL, messages=messages, extra_body={"preset": preset})
+        assert response.choices[0].message.content == expected
 
     sampled = [
         client.chat.completions.create(model=MODEL, messages=messages, temperature=1.5, top_p=0.9, seed=7, n=2)
@@ -516,13 +516,13 @@ def test_serve_command_refuses_bad_input_with_exit_2(chat_folder, capsys):
 
     for argv, message in (
         (["serve", "/no/such/folder"], "'/no/such/folder': no such folder"),
-        (["serve", str(chat_folder), "--preset", "turbo"], "--preset 'turbo': "),
         (["serve", str(chat_folder), "--steps", "1"], "--steps=1 is invalid; expected a positive integer, at least"),
     ):
         assert main(argv) == 2, argv
         assert message in capsys.readouterr().err, argv
     for argv, message in (
         (["serve", str(chat_folder), "--port", "70000"], "'70000' is not a port number in 1..65535"),
+        (["serve", str(chat_folder), "--preset", "turbo"], "invalid choice: 'turbo'"),
         (["serve", str(chat_folder), "--max-batch-size", "0"], "'0' is not a positive integer"),
         (["serve", str(chat_folder), "--batch-window-ms", "-1"], "'-1' is not a number >= 0"),
     ):

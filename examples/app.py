@@ -338,30 +338,35 @@ def build_demo(
     return demo
 
 
-def server_fields(settings: dict[str, Any]) -> dict[str, Any]:
-    """The request fields of `llada-moe serve` for `decoding_settings`' keywords."""
-    fields = {"max_tokens": settings["max_new_tokens"], "temperature": settings["temperature"]}
-    fields.update({name: settings[name] for name in ("block_length", "steps", "threshold", "remasking")
-                   if settings[name] is not None})
-    fields["cache"] = settings["cache_implementation"] or "none"
+def server_fields(
+    max_new_tokens: float, block_length: float, steps: float, threshold: float, cache: str, temperature: float,
+    remasking: str, preset: str = "custom",
+) -> dict[str, Any]:
+    """The request fields of `llada-moe serve` for the UI controls (`decoding_settings`' arguments, checked the same
+    way): a preset other than "custom" goes by name and replaces threshold, cache, temperature and remasking."""
+    settings = decoding_settings(max_new_tokens, block_length, steps, threshold, cache, temperature, remasking, preset)
+    fields = {"max_tokens": settings["max_new_tokens"], "block_length": settings["block_length"]}
+    if settings["steps"] is not None:
+        fields["steps"] = settings["steps"]
+    if preset != "custom":
+        return {**fields, "preset": preset}
+    fields.update(temperature=settings["temperature"], remasking=settings["remasking"], cache=cache)
+    if settings["threshold"] is not None:
+        fields["threshold"] = settings["threshold"]
     return fields
 
 
 def stream_from_server(
-    server: str, messages: list[dict[str, str]], settings: dict[str, Any], api_key: str | None = None,
+    server: str, messages: list[dict[str, str]], fields: dict[str, Any], api_key: str | None = None,
     model: str | None = None,
 ) -> Iterator[str]:
     """Chat with a running `llada-moe serve` at `server` (its root URL): yields the answer so far after each
-    finished block. `settings` are `decoding_settings`' keywords; `model` defaults to the one the server lists."""
+    finished block. `fields` are request fields (`server_fields`); `model` defaults to the one the server lists."""
     from openai import OpenAI
 
     client = OpenAI(base_url=server.rstrip("/") + "/v1", api_key=api_key or "none", max_retries=0, timeout=600)
     model = model or client.models.list().data[0].id
-    fields = server_fields(settings)
-    stream = client.chat.completions.create(
-        model=model, messages=messages, stream=True, max_tokens=fields.pop("max_tokens"),
-        temperature=fields.pop("temperature"), extra_body=fields,
-    )
+    stream = client.chat.completions.create(model=model, messages=messages, stream=True, extra_body=fields)
     answer = ""
     for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
@@ -375,21 +380,22 @@ def build_remote_demo(
 ) -> gr.Blocks:
     """The chat demo for a running `llada-moe serve` (no model in this process): the same decoding controls, the
     answer streamed block by block. Its `/chat` endpoint takes (message, history, max_new_tokens, block_length,
-    steps, threshold, cache, temperature, remasking) and streams (chat history, status, cleared textbox)."""
+    steps, threshold, cache, temperature, remasking, preset) and streams (chat history, status, cleared textbox)."""
 
-    def chat(message, history, max_new_tokens, block_length, steps, threshold, cache, temperature, remasking):
+    def chat(message, history, max_new_tokens, block_length, steps, threshold, cache, temperature, remasking, preset):
         if not message or not message.strip():
             raise gr.Error("Type a message first.")
         turns = [{"role": m["role"], "content": message_text(m["content"])} for m in history or []]
         turns = [turn for turn in turns if not turn["content"].startswith(PROGRESS_PREFIX)]
         turns.append({"role": "user", "content": message})
         try:
-            settings = decoding_settings(max_new_tokens, block_length, steps, threshold, cache, temperature, remasking)
+            fields = server_fields(max_new_tokens, block_length, steps, threshold, cache, temperature, remasking,
+                                   preset)
         except ValueError as err:
             raise gr.Error(str(err)) from err
         started, answer, blocks = time.perf_counter(), "", 0
         try:
-            for answer in stream_from_server(server, turns, settings, api_key):
+            for answer in stream_from_server(server, turns, fields, api_key):
                 blocks += 1
                 yield [*turns, {"role": "assistant", "content": answer}], f"{blocks} blocks streamed", ""
         except Exception as err:  # the openai client's APIError (a 400 names the bad field), an unreachable server
@@ -412,7 +418,10 @@ def build_remote_demo(
             cache_box = gr.Radio(CACHE_CHOICES, value="none", label="KV cache")
             temperature_box = gr.Slider(0, 2, value=0, step=0.1, label="temperature (0 = greedy)")
             remasking_box = gr.Dropdown(list(REMASKING_STRATEGIES), value="low_confidence", label="remasking")
-        controls = [new_tokens, blocks, steps_box, threshold_box, cache_box, temperature_box, remasking_box]
+            preset_box = gr.Dropdown(
+                PRESET_CHOICES, value="custom", label="preset (replaces threshold, cache, temperature, remasking)"
+            )
+        controls = [new_tokens, blocks, steps_box, threshold_box, cache_box, temperature_box, remasking_box, preset_box]
         gr.on(
             triggers=[textbox.submit, send.click],
             fn=chat,

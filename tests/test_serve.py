@@ -630,12 +630,17 @@ def test_serve_client_example(served, capsys):
 def test_gradio_demo_chats_through_a_running_server(served):
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     app = load_example("app")
-    settings = app.decoding_settings(16, 8, 0, 0, "none", 0.0, "low_confidence")
+    fields = app.server_fields(16, 8, 0, 0, "none", 0.0, "low_confidence")
     messages = [*user("t1 t2"), {"role": "assistant", "content": "t2 t1"}, *user("t3 t4")]
-    answers = list(app.stream_from_server(served.url, messages, settings))
+    answers = list(app.stream_from_server(served.url, messages, fields))
     expected = direct_answer(served.model, served.tokenizer, messages=messages)
     assert (answers[-1] if answers else "") == expected and len(answers) <= 2  # one per block with new text
-    assert app.server_fields(app.decoding_settings(32, 8, 8, 0.9, "dual", 0.5, "margin")) == {
+    answers = list(app.stream_from_server(served.url, messages, app.server_fields(16, 8, 0, 0, "none", 0, "margin",
+                                                                                  "dinfer")))
+    config = DiffusionGenerationConfig.from_preset("dinfer", **DEFAULTS)
+    assert (answers[-1] if answers else "") == direct_answer(served.model, served.tokenizer, messages=messages,
+                                                             generation_config=config)
+    assert app.server_fields(32, 8, 8, 0.9, "dual", 0.5, "margin") == {
         "max_tokens": 32, "temperature": 0.5, "block_length": 8, "steps": 8, "threshold": 0.9, "remasking": "margin",
         "cache": "dual"}
     assert app.build_remote_demo(served.url, max_new_tokens=16, block_length=8) is not None

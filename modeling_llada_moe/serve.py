@@ -513,8 +513,7 @@ class Server:
         fixed = {"eos_token_id": sorted(self.end_ids) or None, "pad_token_id": pad if pad is not None else
                  (sorted(self.end_ids)[0] if self.end_ids else None), "stop_strings": None,
                  "num_return_sequences": 1, "return_dict_in_generate": False, "output_history": False}
-        self.fixed = fixed
-        self.base = model._resolve_generation_config(base, dict(fixed))
+        self.base = model._resolve_generation_config(base, fixed)
         self.tokenizer_lock = threading.Lock()
         self.mask_id = self.base.mask_token_id if self.base.mask_token_id is not None else model.config.mask_token_id
         self.metrics = Metrics()

@@ -3,6 +3,7 @@
     python examples/app.py --model inclusionAI/LLaDA-MoE-7B-A1B-Instruct            # http://127.0.0.1:7860
     python examples/app.py --model PATH --bits 4 --host 0.0.0.0 --port 7860         # 4-bit, reachable on the LAN
     python examples/app.py --tiny                                                   # offline, tiny random model
+    python examples/app.py --server http://127.0.0.1:8000                           # a running `llada-moe serve`
 
 Each turn goes through the tokenizer's chat template with the whole conversation. `diffusion_generate` runs in a
 worker thread with a transformers streamer (`put_draft` after every denoising step, `put` for each final block), which
@@ -10,6 +11,9 @@ hands every intermediate canvas to the page, where masked positions show as `▒
 the tokens committed at the latest step are highlighted and the semi-autoregressive blocks are separate rows. The
 answer (cut at the end of turn) replaces the placeholder once the canvas is done. The decoding controls (canvas
 length, block length, steps, Fast-dLLM threshold, KV-cache mode, temperature, remasking) apply per message.
+
+With `--server URL` the demo loads no model: it chats with a running `llada-moe serve` through the `openai` client
+(streamed, one delta per finished block) and shows the answer growing block by block instead of the canvas.
 
 The chat is also an API endpoint, `/chat`, for `gradio_client`:
 
@@ -42,7 +46,7 @@ import gradio as gr  # noqa: E402
 from denoise_viz import COMMITTED, MASKED, NEW, STOPPED, Cell, canvas_cells, step_colour, text_colour  # noqa: E402
 from transformers.generation.streamers import BaseStreamer  # noqa: E402
 
-from modeling_llada_moe.generation_utils import REMASKING_STRATEGIES  # noqa: E402
+from modeling_llada_moe.generation_utils import DECODING_PRESETS, REMASKING_STRATEGIES, decoding_preset  # noqa: E402
 from modeling_llada_moe.inference import (  # noqa: E402
     decode_completion,
     encode_prompt,
@@ -52,6 +56,7 @@ from modeling_llada_moe.inference import (  # noqa: E402
 
 
 CACHE_CHOICES = ["none", "prefix", "dual"]
+PRESET_CHOICES = ["custom", *DECODING_PRESETS]  # "custom": the threshold / cache / temperature / remasking controls
 BLOCK_CHOICES = [4, 8, 16, 32, 64, 128]
 MASK_GLYPH = "▒▒"
 
@@ -184,9 +189,12 @@ def decoding_settings(
     cache: str,
     temperature: float,
     remasking: str,
+    preset: str = "custom",
 ) -> dict[str, Any]:
     """`diffusion_generate` keywords from the UI controls: `steps` 0 = one token per step, `threshold` 0 = off,
-    `cache` one of none / prefix / dual. Raises `ValueError` naming a value the controls cannot mean."""
+    `cache` one of none / prefix / dual; a `preset` other than "custom" (`DiffusionGenerationConfig.from_preset`)
+    replaces the threshold, cache, temperature and remasking controls. Raises `ValueError` naming a value the
+    controls cannot mean."""
 
     def whole(name: str, value: float) -> int:
         if value is None or float(value) != int(value):
@@ -197,7 +205,9 @@ def decoding_settings(
         raise ValueError(f"cache={cache!r}: expected one of {CACHE_CHOICES}")
     if remasking not in REMASKING_STRATEGIES:
         raise ValueError(f"remasking={remasking!r}: expected one of {list(REMASKING_STRATEGIES)}")
-    return {
+    if preset not in PRESET_CHOICES:
+        raise ValueError(f"preset={preset!r}: expected one of {PRESET_CHOICES}")
+    settings = {
         "max_new_tokens": whole("max_new_tokens", max_new_tokens),
         "block_length": whole("block_length", block_length),
         "steps": whole("steps", steps) or None,
@@ -206,6 +216,9 @@ def decoding_settings(
         "temperature": float(temperature),
         "remasking": remasking,
     }
+    if preset != "custom":
+        settings.update(decoding_preset(preset))
+    return settings
 
 
 def build_demo(
@@ -221,7 +234,7 @@ def build_demo(
 ) -> gr.Blocks:
     """The chat demo as a `gr.Blocks` (not launched): pass a loaded model and its tokenizer (with a chat template)
     and the initial values of the decoding controls. Its `/chat` endpoint takes (message, history, max_new_tokens,
-    block_length, steps, threshold, cache, temperature, remasking, stop_at_turn_end) and streams (chat history,
+    block_length, steps, threshold, cache, temperature, remasking, stop_at_turn_end, preset) and streams (chat history,
     canvas HTML, status, cleared textbox)."""
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError("build_demo: the tokenizer has no chat template; the demo needs one for multi-turn chat")
@@ -231,7 +244,10 @@ def build_demo(
     mask_id = model.config.mask_token_id if mask_id is None else mask_id
     turn_end = end_of_turn_ids(tokenizer)
 
-    def chat(message, history, max_new_tokens, block_length, steps, threshold, cache, temperature, remasking, stop):
+    def chat(
+        message, history, max_new_tokens, block_length, steps, threshold, cache, temperature, remasking, stop,
+        preset="custom",
+    ):
         if not message or not message.strip():
             raise gr.Error("Type a message first.")
         turns = [{"role": m["role"], "content": message_text(m["content"])} for m in history or []]
@@ -239,7 +255,9 @@ def build_demo(
         turns = [turn for turn in turns if not turn["content"].startswith(PROGRESS_PREFIX)]
         turns.append({"role": "user", "content": message})
         try:
-            settings = decoding_settings(max_new_tokens, block_length, steps, threshold, cache, temperature, remasking)
+            settings = decoding_settings(
+                max_new_tokens, block_length, steps, threshold, cache, temperature, remasking, preset
+            )
             input_ids = encode_prompt(tokenizer, messages=turns).to(model.device)
         except ValueError as err:
             raise gr.Error(str(err)) from err
@@ -301,7 +319,13 @@ def build_demo(
                 temperature_box = gr.Slider(0, 2, value=temperature, step=0.1, label="temperature (0 = greedy)")
                 remasking_box = gr.Dropdown(list(REMASKING_STRATEGIES), value="low_confidence", label="remasking")
                 stop_box = gr.Checkbox(value=True, label="stop at end of turn")
-        controls = [new_tokens, blocks, steps_box, threshold_box, cache_box, temperature_box, remasking_box, stop_box]
+                preset_box = gr.Dropdown(
+                    PRESET_CHOICES, value="custom", label="preset (replaces threshold, cache, temperature, remasking)"
+                )
+        controls = [
+            new_tokens, blocks, steps_box, threshold_box, cache_box, temperature_box, remasking_box, stop_box,
+            preset_box,
+        ]
         gr.on(
             triggers=[textbox.submit, send.click],
             fn=chat,
@@ -314,10 +338,107 @@ def build_demo(
     return demo
 
 
+def server_fields(
+    max_new_tokens: float, block_length: float, steps: float, threshold: float, cache: str, temperature: float,
+    remasking: str, preset: str = "custom",
+) -> dict[str, Any]:
+    """The request fields of `llada-moe serve` for the UI controls (`decoding_settings`' arguments, checked the same
+    way): a preset other than "custom" goes by name and replaces threshold, cache, temperature and remasking."""
+    settings = decoding_settings(max_new_tokens, block_length, steps, threshold, cache, temperature, remasking, preset)
+    fields = {"max_tokens": settings["max_new_tokens"], "block_length": settings["block_length"]}
+    if settings["steps"] is not None:
+        fields["steps"] = settings["steps"]
+    if preset != "custom":
+        return {**fields, "preset": preset}
+    fields.update(temperature=settings["temperature"], remasking=settings["remasking"], cache=cache)
+    if settings["threshold"] is not None:
+        fields["threshold"] = settings["threshold"]
+    return fields
+
+
+def stream_from_server(
+    server: str, messages: list[dict[str, str]], fields: dict[str, Any], api_key: str | None = None,
+    model: str | None = None,
+) -> Iterator[str]:
+    """Chat with a running `llada-moe serve` at `server` (its root URL): yields the answer so far after each
+    finished block. `fields` are request fields (`server_fields`); `model` defaults to the one the server lists."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server.rstrip("/") + "/v1", api_key=api_key or "none", max_retries=0, timeout=600)
+    model = model or client.models.list().data[0].id
+    stream = client.chat.completions.create(model=model, messages=messages, stream=True, extra_body=fields)
+    answer = ""
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            answer += chunk.choices[0].delta.content
+            yield answer
+
+
+def build_remote_demo(
+    server: str, api_key: str | None = None, max_new_tokens: int = 128, block_length: int = 32,
+    title: str = "LLaDA-MoE",
+) -> gr.Blocks:
+    """The chat demo for a running `llada-moe serve` (no model in this process): the same decoding controls, the
+    answer streamed block by block. Its `/chat` endpoint takes (message, history, max_new_tokens, block_length,
+    steps, threshold, cache, temperature, remasking, preset) and streams (chat history, status, cleared textbox)."""
+
+    def chat(message, history, max_new_tokens, block_length, steps, threshold, cache, temperature, remasking, preset):
+        if not message or not message.strip():
+            raise gr.Error("Type a message first.")
+        turns = [{"role": m["role"], "content": message_text(m["content"])} for m in history or []]
+        turns = [turn for turn in turns if not turn["content"].startswith(PROGRESS_PREFIX)]
+        turns.append({"role": "user", "content": message})
+        try:
+            fields = server_fields(max_new_tokens, block_length, steps, threshold, cache, temperature, remasking,
+                                   preset)
+        except ValueError as err:
+            raise gr.Error(str(err)) from err
+        started, answer, blocks = time.perf_counter(), "", 0
+        try:
+            for answer in stream_from_server(server, turns, fields, api_key):
+                blocks += 1
+                yield [*turns, {"role": "assistant", "content": answer}], f"{blocks} blocks streamed", ""
+        except Exception as err:  # the openai client's APIError (a 400 names the bad field), an unreachable server
+            raise gr.Error(f"{server}: {err}") from err
+        status = f"done in {time.perf_counter() - started:.1f} s ({server})"
+        yield [*turns, {"role": "assistant", "content": answer}], status, ""
+
+    with gr.Blocks(title=title) as demo:
+        gr.Markdown(f"## {html.escape(title)}: masked-diffusion chat via {html.escape(server)}")
+        chatbot = gr.Chatbot(label="chat", height=360)
+        with gr.Row():
+            textbox = gr.Textbox(placeholder="Message", label="message", show_label=False, scale=5, autofocus=True)
+            send = gr.Button("Send", variant="primary", scale=1)
+        status = gr.Markdown("", label="status")
+        with gr.Accordion("Decoding", open=True), gr.Row():
+            new_tokens = gr.Slider(8, 1024, value=max_new_tokens, step=8, label="max new tokens (canvas)")
+            blocks = gr.Dropdown(sorted({*BLOCK_CHOICES, block_length}), value=block_length, label="block length")
+            steps_box = gr.Slider(0, 1024, value=0, step=1, label="steps (0 = one token per step)")
+            threshold_box = gr.Slider(0, 1, value=0, step=0.05, label="threshold (0 = off)")
+            cache_box = gr.Radio(CACHE_CHOICES, value="none", label="KV cache")
+            temperature_box = gr.Slider(0, 2, value=0, step=0.1, label="temperature (0 = greedy)")
+            remasking_box = gr.Dropdown(list(REMASKING_STRATEGIES), value="low_confidence", label="remasking")
+            preset_box = gr.Dropdown(
+                PRESET_CHOICES, value="custom", label="preset (replaces threshold, cache, temperature, remasking)"
+            )
+        controls = [new_tokens, blocks, steps_box, threshold_box, cache_box, temperature_box, remasking_box, preset_box]
+        gr.on(
+            triggers=[textbox.submit, send.click],
+            fn=chat,
+            inputs=[textbox, chatbot, *controls],
+            outputs=[chatbot, status, textbox],
+            api_name="chat",
+            show_progress="hidden",
+        )
+    return demo
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", help="model folder or Hub repo id (official checkpoint or saved by llada-moe)")
     parser.add_argument("--tiny", action="store_true", help="a tiny random model and word-level tokenizer (offline)")
+    parser.add_argument("--server", metavar="URL", help="chat with a running `llada-moe serve` at URL (no model here)")
+    parser.add_argument("--api-key", default=os.environ.get("LLADA_MOE_API_KEY"), help="the server's key (--server)")
     parser.add_argument("--bits", type=int, choices=[4, 8], default=None, help="load 4- or 8-bit (bitsandbytes)")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when available)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="initial canvas length (default 128)")
@@ -327,13 +448,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
     args = parser.parse_args(argv)
 
-    if args.tiny == bool(args.model):
-        parser.error("pass exactly one of --model PATH_OR_REPO or --tiny")
+    if args.tiny + bool(args.model) + bool(args.server) != 1:
+        parser.error("pass exactly one of --model PATH_OR_REPO, --tiny or --server URL")
+    if args.server is not None and not args.server.startswith(("http://", "https://")):
+        parser.error(f"--server {args.server!r}: expected an http:// or https:// URL")
     if not 0 < args.port < 65536:
         parser.error(f"--port {args.port}: expected a port number in 1..65535")
     for flag, value in (("--max-new-tokens", args.max_new_tokens), ("--block-length", args.block_length)):
         if value is not None and value < 1:  # checked before anything loads; a shorter last block is fine
             parser.error(f"{flag} {value}: expected a positive integer")
+    if args.server is not None:
+        demo = build_remote_demo(args.server, args.api_key, args.max_new_tokens or 128, args.block_length or 32)
+        demo.queue().launch(server_name=args.host, server_port=args.port, share=args.share)
+        return
     if args.tiny:
         from benchmarks.tiny_task import save_tiny_folder
 

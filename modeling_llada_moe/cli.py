@@ -1,7 +1,8 @@
-"""The `llada-moe` command line: `generate`, `chat`, `convert` and `bench`.
+"""The `llada-moe` command line: `generate`, `chat`, `serve`, `convert` and `bench`.
 
     llada-moe generate "Why is the sky blue?" --threshold 0.9 --cache dual
     llada-moe chat --bits 4
+    llada-moe serve inclusionAI/LLaDA-MoE-7B-A1B-Instruct --port 8000 --max-batch-size 16
     llada-moe convert path/to/official-checkpoint out/llada-moe-nf4 --bits 4 --push-to-hub you/LLaDA-MoE-nf4
     llada-moe bench generation -- --repeats 3
 
@@ -15,6 +16,7 @@ import argparse
 import gc
 import json
 import math
+import os
 import re
 import runpy
 import sys
@@ -26,7 +28,7 @@ import torch
 from transformers import AutoModel, PreTrainedTokenizerBase, TextStreamer
 
 from .configuration_llada_moe import LLaDAMoEConfig
-from .generation_utils import REMASKING_STRATEGIES, DiffusionGenerationConfig
+from .generation_utils import DECODING_PRESETS, REMASKING_STRATEGIES, DiffusionGenerationConfig, decoding_preset
 from .hub import hub_token, login_help, push_folder
 from .inference import (
     DTYPES,
@@ -50,6 +52,7 @@ BENCHMARKS = {
     "generation": "decoding modes of diffusion_generate: NFE, tokens/forward, tokens/s (tiny trained model on CPU)",
     "forward": "one forward per experts implementation: latency and peak memory (7B-shaped layer)",
     "moe": "the MoE block alone per experts backend, bf16 and NF4, against the memory-bandwidth bound (GPU)",
+    "serve": "llada-moe serve: requests/s and p50/p95 latency, batched vs --max-batch-size 1 (tiny model on CPU)",
 }
 # Decoding flags whose value is the `DiffusionGenerationConfig` field of the same name (dashes for underscores).
 PLAIN_DECODING_FIELDS = (
@@ -101,6 +104,10 @@ def unit_interval(text: str) -> float:
     return _number(text, float, "a number in (0, 1]", lambda v: 0 < v <= 1)
 
 
+def port_number(text: str) -> int:
+    return _number(text, int, "a port number in 1..65535", lambda v: 0 < v < 65536)
+
+
 def seed_value(text: str) -> int:
     return _number(text, int, "an integer in [0, 2**64)", lambda v: 0 <= v < 2**64)
 
@@ -130,6 +137,12 @@ def shard_size(text: str) -> str | int:
 def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags that mirror `DiffusionGenerationConfig`; a flag left out keeps the model's generation_config.json."""
     group = parser.add_argument_group("decoding (flags left out keep the model's generation_config.json)")
+    group.add_argument(
+        "--preset",
+        choices=tuple(DECODING_PRESETS),
+        help="named decoding settings (DiffusionGenerationConfig.from_preset): llada = the reference sampler, "
+        "fast_dllm = threshold 0.9 + dual cache, dinfer = dInfer's LLaDA-MoE settings; other flags override it",
+    )
     group.add_argument("--max-new-tokens", type=positive_int, metavar="N", help="answer canvas length (default 128)")
     group.add_argument(
         "--steps",
@@ -185,7 +198,11 @@ def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
 
 def decoding_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The `DiffusionGenerationConfig` fields the parsed decoding flags set; flags left out are not in the dict."""
-    kwargs = {name: getattr(args, name) for name in PLAIN_DECODING_FIELDS if getattr(args, name) is not None}
+    kwargs = decoding_preset(args.preset) if getattr(args, "preset", None) else {}
+    kwargs.update({name: getattr(args, name) for name in PLAIN_DECODING_FIELDS if getattr(args, name) is not None})
+    if args.cache is not None and kwargs.get("cache_implementation") and args.cache == "none":
+        # --cache none over a cached preset: its cache-only knobs go too
+        kwargs.update(cache_refresh_interval=None, cache_vicinity=None, cache_warmup_steps=0)
     if args.cache is not None:
         kwargs["cache_implementation"] = None if args.cache == "none" else args.cache
         kwargs["use_cache"] = args.cache != "none"
@@ -207,9 +224,17 @@ def generation_config(
     if END_OF_TURN in tokenizer.get_vocab() and END_OF_TURN not in stops:
         stops.append(END_OF_TURN)
     kwargs["stop_strings"] = stops or None
+    return resolve_decoding(model, None, kwargs)
+
+
+def resolve_decoding(
+    model: LLaDAMoEForMaskedLM, base: DiffusionGenerationConfig | None, kwargs: dict[str, Any]
+) -> DiffusionGenerationConfig:
+    """`base` (default: the model's generation config) with the flags' `kwargs` applied, validated; a `ValueError`
+    names the flag (e.g. `--steps=1 ... at least the number of blocks (2)`)."""
     try:
         # The same copy-override-validate `diffusion_generate` applies to its keyword arguments.
-        return model._resolve_generation_config(None, kwargs)
+        return model._resolve_generation_config(base, kwargs)
     except (ValueError, TypeError) as err:
         flags = {name: "--" + name.replace("_", "-") for name in PLAIN_DECODING_FIELDS}
         flags.update(use_cache="--cache", cache_implementation="--cache")
@@ -260,13 +285,16 @@ class AnswerStreamer(TextStreamer):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser, positional: bool = False) -> None:
     group = parser.add_argument_group("model")
-    group.add_argument(
-        "--model",
-        default=DEFAULT_MODEL,
-        help=f"local folder (official layout or saved by llada-moe) or Hub repo id (default {DEFAULT_MODEL})",
-    )
+    if positional:
+        group.add_argument("model", help="local folder (official layout or saved by llada-moe) or Hub repo id")
+    else:
+        group.add_argument(
+            "--model",
+            default=DEFAULT_MODEL,
+            help=f"local folder (official layout or saved by llada-moe) or Hub repo id (default {DEFAULT_MODEL})",
+        )
     group.add_argument("--tokenizer", help="tokenizer folder or repo id (default: the model's)")
     group.add_argument(
         "--bits", type=int, choices=(4, 8), help="load quantized with bitsandbytes: 4 (NF4) or 8 (LLM.int8)"
@@ -429,6 +457,38 @@ def run_chat(args: argparse.Namespace) -> int:
         if streamer is None:
             print(answer)
         messages.append({"role": "assistant", "content": answer})
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# serve
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    check_model_source(args.model)
+    try:
+        import uvicorn
+
+        from .serve import ServeOptions, create_app
+    except ImportError as err:
+        raise ImportError(f"`llada-moe serve` needs the serve extra: pip install 'llada-moe[serve]' ({err})") from err
+    model, tokenizer = load(args)
+    kwargs = decoding_kwargs(args)  # --preset, then the flags
+    stops = kwargs.pop("stop_strings", [])
+    options = ServeOptions(
+        model_name=args.served_model_name or args.model,
+        defaults=resolve_decoding(model, None, kwargs),
+        stop=tuple(stops),
+        seed=args.seed,
+        max_batch_size=args.max_batch_size,
+        batch_window_ms=args.batch_window_ms,
+        max_queue=args.max_queue,
+        api_key=args.api_key,
+    )
+    app = create_app(model, tokenizer, options)
+    # uvicorn handles SIGINT / SIGTERM: no new connections, in-flight requests finish, then the batcher stops.
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
 
@@ -623,7 +683,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The `llada-moe` argument parser with its four subcommands."""
+    """The `llada-moe` argument parser with its five subcommands."""
     parser = argparse.ArgumentParser(
         prog="llada-moe",
         description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1],
@@ -677,6 +737,55 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(chat)
     add_decoding_arguments(chat)
     chat.set_defaults(run=run_chat)
+
+    serve = commands.add_parser(
+        "serve",
+        help="OpenAI-compatible HTTP server that batches concurrent requests",
+        formatter_class=raw,
+        description="Serve the model over an OpenAI-compatible HTTP API (FastAPI + uvicorn):\n"
+        "  POST /v1/chat/completions, POST /v1/completions (stream: true = one SSE delta per finished block),\n"
+        "  GET /v1/models, GET /health, GET /metrics (Prometheus).\n"
+        "Requests with equal decoding settings that arrive within the batch window, or while a batch runs, are\n"
+        "decoded as one left-padded batch; each answer is the one the request gets alone. The decoding flags set\n"
+        "the defaults; a request overrides them with its own fields (max_tokens, temperature, top_p, stop, seed, n)\n"
+        "and the extra fields steps, block_length, threshold, factor, cache, remasking, cfg_scale, top_k, preset.\n"
+        "Needs the serve extra: pip install 'llada-moe[serve]'.",
+        epilog=(
+            "examples:\n"
+            "  llada-moe serve inclusionAI/LLaDA-MoE-7B-A1B-Instruct --threshold 0.9 --cache dual\n"
+            "  llada-moe serve ./llada-moe-nf4 --bits 4 --host 0.0.0.0 --api-key $KEY --max-batch-size 32"
+        ),
+    )
+    add_model_arguments(serve, positional=True)
+    group = serve.add_argument_group("server")
+    group.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 = every interface)")
+    group.add_argument("--port", type=port_number, default=8000, help="port to listen on (default 8000)")
+    group.add_argument("--served-model-name", metavar="NAME", help="the `model` id clients send (default: MODEL)")
+    group.add_argument(
+        "--max-batch-size", type=positive_int, default=8, metavar="N", help="rows decoded together at most (default 8)"
+    )
+    group.add_argument(
+        "--batch-window-ms",
+        type=non_negative_float,
+        default=5.0,
+        metavar="MS",
+        help="how long a request waits for others to batch with (default 5; requests queued while a batch runs "
+        "join the next one anyway)",
+    )
+    group.add_argument(
+        "--max-queue", type=positive_int, default=256, metavar="N", help="rows waiting at most; more get 503 (256)"
+    )
+    group.add_argument(
+        "--api-key",
+        default=os.environ.get("LLADA_MOE_API_KEY"),
+        metavar="KEY",
+        help="require `Authorization: Bearer KEY` on /v1/* (default: $LLADA_MOE_API_KEY; none = open)",
+    )
+    group.add_argument(
+        "--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"), help="uvicorn's"
+    )
+    add_decoding_arguments(serve)
+    serve.set_defaults(run=run_serve)
 
     convert = commands.add_parser(
         "convert",

@@ -36,7 +36,7 @@ from tqdm import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from .forward_process import example_generator
-from .generation_utils import DiffusionGenerationConfig
+from .generation_utils import DiffusionGenerationConfig, decoding_preset
 from .inference import completion_ids, end_of_turn_ids, load_model_and_tokenizer, pick_device
 
 
@@ -131,6 +131,8 @@ class LLaDAMoELM(TemplateLM):
         max_new_tokens (alias gen_length): a fixed generation canvas for every request, like LLaDA's eval; unset,
             each request's `max_gen_toks` (default 256) is the canvas. Either way it is rounded up to whole blocks
             and the output trimmed back.
+        preset: named decoding settings applied first (`DiffusionGenerationConfig.from_preset`: llada, fast_dllm,
+            dinfer); the arguments below override them.
         steps, block_length, remasking, threshold, factor, cache_implementation, use_cache, temperature, top_k,
             top_p: the `DiffusionGenerationConfig` settings (unset ones keep the model's `generation_config`).
             `steps` counts denoising steps for the whole canvas (unset: one token per step);
@@ -160,6 +162,7 @@ class LLaDAMoELM(TemplateLM):
         cfg_scale: float | None = None,
         max_new_tokens: int | None = None,
         gen_length: int | None = None,
+        preset: str | None = None,
         steps: int | None = None,
         block_length: int | None = None,
         remasking: str | None = None,
@@ -202,6 +205,7 @@ class LLaDAMoELM(TemplateLM):
         self._device = self._model.device
         if self.max_length < 2:
             raise ValueError(f"max_length={self.max_length}: expected at least 2 tokens")
+        self.preset = decoding_preset(preset) if preset is not None else {}  # ValueError naming the accepted ones
         knobs = dict(block_length=block_length, remasking=remasking, threshold=threshold, factor=factor)
         knobs.update(temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale)
         self.generation_config = self._base_generation_config(knobs, steps, use_cache, cache_implementation)
@@ -252,6 +256,8 @@ class LLaDAMoELM(TemplateLM):
         if not isinstance(config, DiffusionGenerationConfig):
             config = DiffusionGenerationConfig.from_dict(config.to_dict())
         config = copy.deepcopy(config)
+        for name, value in self.preset.items():  # all of them: a preset also turns off what it does not use
+            setattr(config, name, value)
         for name, value in knobs.items():
             if value is not None:
                 setattr(config, name, value)

@@ -39,6 +39,11 @@ from .forward_process import elbo_weighted_nll, mask_target_positions, stratifie
 
 
 REMASKING_STRATEGIES = ("low_confidence", "random", "margin", "entropy")
+# `factor_rule` values: "prefix" (the rule as stated) or "fast_dllm" (Fast-dLLM's code: when only the last of the
+# sorted candidates fails, it commits all of them).
+FACTOR_RULES = ("prefix", "fast_dllm")
+# `confidence_dtype` values: None = the logits dtype (the LLaDA reference), or the dtype the softmax is computed in.
+CONFIDENCE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 # `cache_implementation` values: the approximate block caches of Fast-dLLM (None = no cache, exact).
 CACHE_IMPLEMENTATIONS = ("prefix", "dual")
 
@@ -85,6 +90,46 @@ DIFFUSION_DEFAULTS: dict[str, Any] = {
     "num_return_sequences": 1,
     "return_dict_in_generate": False,
 }
+
+
+# Named decoding settings for `DiffusionGenerationConfig.from_preset`: only the decoding-strategy fields, every one
+# written out so that a preset also switches off what another one turned on.
+DECODING_PRESETS: dict[str, dict[str, Any]] = {
+    # LLaDA `generate.py`: greedy, one token per step, low-confidence remasking, no cache (token-exact).
+    "llada": dict(
+        temperature=0.0, remasking="low_confidence", threshold=None, factor=None, cache_implementation=None,
+        use_cache=None,
+    ),
+    # Fast-dLLM (`llada/generate.py`): confidence threshold 0.9 with the dual cache, refreshed at every block start.
+    # Softmax in float64, as its code computes it.
+    "fast_dllm": dict(
+        temperature=0.0, remasking="low_confidence", threshold=0.9, factor=None, cache_implementation="dual",
+        use_cache=True, confidence_dtype="float64",
+    ),
+    # dInfer's LLaDA-MoE evaluation (`evaluations/eval_llada_moe.sh`): threshold 0.76 with the hierarchical low
+    # threshold 0.62, the dual cache with vicinity refresh 16 / 16 and 4 warm-up forwards.
+    "dinfer": dict(
+        temperature=0.0, remasking="low_confidence", threshold=0.76, low_threshold=0.62, factor=None,
+        cache_implementation="dual", use_cache=True, cache_vicinity=(16, 16), cache_warmup_steps=4,
+    ),
+}
+# Every strategy field a preset may set, with its "off" value: a preset switches off what it does not name.
+PRESET_FIELDS_OFF = dict(
+    threshold=None, factor=None, factor_rule="prefix", confidence_dtype=None, low_threshold=None, credit_alpha=None,
+    cache_implementation=None, use_cache=None, cache_refresh_interval=None, cache_vicinity=None, cache_warmup_steps=0,
+)
+
+
+def decoding_preset(name: str) -> dict[str, Any]:
+    """The `DiffusionGenerationConfig` fields of a named preset, every strategy field written out (those the preset
+    does not use at their "off" value), to apply over any config: e.g. `model.generate(ids, **decoding_preset(
+    "fast_dllm"))` keeps the model's token ids and lengths. An unknown name raises a `ValueError` naming the accepted
+    ones."""
+    if not isinstance(name, str) or name not in DECODING_PRESETS:
+        raise ValueError(
+            f"DiffusionGenerationConfig.from_preset: unknown preset {name!r}; expected one of {tuple(DECODING_PRESETS)}"
+        )
+    return {**PRESET_FIELDS_OFF, **DECODING_PRESETS[name]}
 
 
 def is_int(value) -> bool:
@@ -145,9 +190,38 @@ class DiffusionGenerationConfig(GenerationConfig):
             filled, whatever `steps` says (at most its length + 2 forwards: the last one commits every position left).
         factor (`float`, *optional*): Fast-dLLM factor rule: commit the longest confidence-sorted prefix with
             c_i >= 1 - factor / (i + 1) (the first always). Exclusive with `threshold`.
+        factor_rule (`str`, defaults to `"prefix"`): `"prefix"` is the factor rule as stated above; `"fast_dllm"`
+            reproduces Fast-dLLM's code, which also commits every candidate when only the last one of the sorted
+            candidates fails. With `confidence_dtype="float64"` the factor and threshold decisions are then exactly
+            those of Fast-dLLM's `llada/generate.py` (ties aside).
+        confidence_dtype (`str`, *optional*): the dtype confidences are computed in: `None` = the logits dtype (the
+            LLaDA reference, token-exact), `"float32"` or `"float64"` (Fast-dLLM computes its softmax in float64).
+        low_threshold (`float`, *optional*): dInfer's hierarchical decoding, with `threshold` as the high threshold:
+            each step commits the most confident masked position of the block, every one with confidence >=
+            `threshold`, and in each run of adjacent masked positions its most confident one (all of them on a tie)
+            when its confidence is >= `low_threshold`. Adjacent masked tokens depend on each other most, so a
+            mid-confidence token is committed only where no neighbour is committed with it. In (0, threshold].
+        credit_alpha (`float`, *optional*): credit decoding (CreditDecoding, arXiv 2510.06133, as dInfer runs it):
+            every step, each masked position of the block adds `p_top1 ** credit_boost` to the credit of its top-1
+            token after the old credits decay by `credit_decay`; the step's logits become
+            `logits + credit_alpha * log(1 + credit)`, so a prediction that stays the same over steps gains
+            confidence and is committed earlier. Credits start at zero in every block. `None` = off (dInfer: 0.7).
+            Memory: one float32 [rows, block_length, vocab] tensor.
+        credit_decay (`float`, defaults to 0.8), credit_boost (`float`, defaults to 0.2): the credit's decay per step
+            and the exponent applied to the top-1 probability, both in (0, 1].
         cache_implementation (`str`, *optional*): the approximate KV cache: `"prefix"` (cache K/V before the block)
             or `"dual"` (cache prefix and suffix, recompute only the block), refreshed by a full forward at every
             block start. `None` = no cache (exact).
+        cache_refresh_interval (`int`, *optional*): with a cache, also refresh it (a full forward, which decodes
+            too) every this many steps of a block; `None` = only at the block start (dInfer's `cache_update_freq`).
+        cache_vicinity (`tuple[int, int]`, *optional*): with a cache, every cached step also recomputes the keys /
+            values of `left` positions before the block and (dual cache) `right` positions after it, the cache's
+            stalest entries next to the block (dInfer's vicinity refresh, `prefix_look` / `after_look`; 16 / 16 in
+            its LLaDA-MoE evaluation). `None` = (0, 0): recompute the block only (prefix cache: the block and the
+            suffix).
+        cache_warmup_steps (`int`, defaults to 0): with a cache, the first this many forwards of a generation are
+            full forwards that refresh the cache (dInfer's `warmup_times`, 4 in its LLaDA-MoE evaluation), so the
+            first block's early steps, when the canvas is all masks and cached values go stale fastest, are exact.
         use_cache (`bool`, *optional*): transformers' switch: `False` turns the cache off whatever
             `cache_implementation` says; `True` with no `cache_implementation` means `"prefix"`; unset follows
             `cache_implementation`. The old `use_cache="prefix" | "dual"` still loads, as `cache_implementation`
@@ -173,6 +247,15 @@ class DiffusionGenerationConfig(GenerationConfig):
         self.remasking = kwargs.pop("remasking", "low_confidence")
         self.threshold = kwargs.pop("threshold", None)
         self.factor = kwargs.pop("factor", None)
+        self.factor_rule = kwargs.pop("factor_rule", "prefix")
+        self.confidence_dtype = kwargs.pop("confidence_dtype", None)
+        self.low_threshold = kwargs.pop("low_threshold", None)
+        self.credit_alpha = kwargs.pop("credit_alpha", None)
+        self.credit_decay = kwargs.pop("credit_decay", 0.8)
+        self.credit_boost = kwargs.pop("credit_boost", 0.2)
+        self.cache_refresh_interval = kwargs.pop("cache_refresh_interval", None)
+        self.cache_vicinity = kwargs.pop("cache_vicinity", None)
+        self.cache_warmup_steps = kwargs.pop("cache_warmup_steps", 0)
         self.mask_token_id = kwargs.pop("mask_token_id", None)
         self.confidence_suppress_tokens = kwargs.pop("confidence_suppress_tokens", None)
         self.stop_at_eos = kwargs.pop("stop_at_eos", False)
@@ -183,6 +266,20 @@ class DiffusionGenerationConfig(GenerationConfig):
             # Written out, so that pipelines see greedy decoding as set and add no sampling defaults of their own.
             kwargs["do_sample"] = kwargs["temperature"] > 0
         super().__init__(**kwargs)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> DiffusionGenerationConfig:
+        """A config holding the decoding settings of a named sampler (`DECODING_PRESETS`), then `overrides`.
+
+        `"llada"`: the LLaDA reference sampler (greedy, low-confidence remasking, no cache, token-exact);
+        `"fast_dllm"`: Fast-dLLM's threshold 0.9 with a dual cache; `"dinfer"`: dInfer's LLaDA-MoE evaluation
+        settings. Lengths (`max_new_tokens`, `block_length`, `steps`) and token ids stay at their defaults unless
+        overridden, e.g. `from_preset("fast_dllm", max_new_tokens=256, threshold=0.8)`. An unknown name raises a
+        `ValueError` listing the accepted ones; the result is validated.
+        """
+        config = cls(**{**decoding_preset(name), **overrides})
+        config.validate()
+        return config
 
     @staticmethod
     def _get_default_generation_params() -> dict[str, Any]:
@@ -215,11 +312,17 @@ class DiffusionGenerationConfig(GenerationConfig):
                 stacklevel=3,
             )
             self.cache_implementation, self.use_cache = self.use_cache, True
-        for field in ("max_new_tokens", "block_length", "num_return_sequences", "max_length", "steps", "top_k"):
+        for field in (
+            "max_new_tokens", "block_length", "num_return_sequences", "max_length", "steps", "top_k",
+            "cache_refresh_interval", "cache_warmup_steps",
+        ):
             value = getattr(self, field, None)
             if value is not None and not is_int(value):
                 fail(field, "expected a positive integer", TypeError)
-        for field in ("temperature", "top_p", "cfg_scale", "threshold", "factor"):
+        for field in (
+            "temperature", "top_p", "cfg_scale", "threshold", "factor", "low_threshold", "credit_alpha",
+            "credit_decay", "credit_boost",
+        ):
             value = getattr(self, field, None)
             if value is not None and not is_number(value):
                 fail(field, "expected a finite number", TypeError)
@@ -284,11 +387,40 @@ class DiffusionGenerationConfig(GenerationConfig):
             fail("factor", "expected a finite positive float")
         if self.threshold is not None and self.factor is not None:
             fail("factor", "threshold and factor are exclusive parallel-decoding rules")
+        if self.factor_rule not in FACTOR_RULES:
+            fail("factor_rule", f"expected one of {FACTOR_RULES}")
+        if self.confidence_dtype is not None and self.confidence_dtype not in CONFIDENCE_DTYPES:
+            fail("confidence_dtype", f"expected None (the logits dtype) or one of {tuple(CONFIDENCE_DTYPES)}")
+        if self.low_threshold is not None and self.threshold is None:
+            fail("low_threshold", "hierarchical decoding needs `threshold` (the high threshold) too")
+        if self.low_threshold is not None and not 0 < self.low_threshold <= self.threshold:
+            fail("low_threshold", f"expected a float in (0, threshold={self.threshold}]")
+        if self.credit_alpha is not None and not self.credit_alpha > 0:
+            fail("credit_alpha", "expected a finite positive float (None = no credit decoding)")
+        for field in ("credit_decay", "credit_boost"):
+            if getattr(self, field) is None or not 0 < getattr(self, field) <= 1:
+                fail(field, "expected a float in (0, 1]")
+        if self.cache_refresh_interval is not None and not positive_int(self.cache_refresh_interval):
+            fail("cache_refresh_interval", "expected a positive integer (steps between refreshes) or None")
+        if self.cache_warmup_steps is None or self.cache_warmup_steps < 0:
+            fail("cache_warmup_steps", "expected an integer >= 0")
+        if self.cache_vicinity is not None:
+            if not isinstance(self.cache_vicinity, (list, tuple)) or len(self.cache_vicinity) != 2 or not all(
+                is_int(item) for item in self.cache_vicinity
+            ):
+                fail("cache_vicinity", "expected None or a pair of integers (left, right)", TypeError)
+            if min(self.cache_vicinity) < 0:
+                fail("cache_vicinity", "expected a pair of integers >= 0 (left, right)")
+            self.cache_vicinity = tuple(self.cache_vicinity)
         if self.use_cache is not None and not isinstance(self.use_cache, bool):
             fail("use_cache", f"expected True, False or None (the cache kind is cache_implementation, one of "
                  f"{CACHE_IMPLEMENTATIONS})")
         if self.cache_implementation is not None and self.cache_implementation not in CACHE_IMPLEMENTATIONS:
             fail("cache_implementation", f"expected None (no cache) or one of {CACHE_IMPLEMENTATIONS}")
+        if self.cache_mode is None:
+            for field, off in (("cache_refresh_interval", None), ("cache_vicinity", None), ("cache_warmup_steps", 0)):
+                if getattr(self, field) != off:
+                    fail(field, "it applies to a cache only: set cache_implementation ('prefix' or 'dual')")
         if not positive_int(self.num_return_sequences):
             fail("num_return_sequences", "expected a positive integer")
         for field, neutral in AR_ONLY_FIELDS.items():
@@ -471,11 +603,14 @@ def confidence(
     remasking: str,
     suppressed: list[int] | None,
     generator: torch.Generator | None,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Score of each position's proposal, from the softmax of the raw logits in the logits dtype."""
+    """Score of each position's proposal, from the softmax of the raw logits in the logits dtype (or `dtype`)."""
     if remasking == "random":
         device = generator.device if generator is not None else logits.device
         return torch.rand(proposal.shape, generator=generator, device=device).to(logits.device)
+    if dtype is not None:
+        logits = logits.to(dtype)
     if suppressed:
         logits = logits.clone()
         logits[..., suppressed] = float("-inf")
@@ -507,15 +642,58 @@ def select_by_threshold(scores: torch.Tensor, candidates: torch.Tensor, threshol
     return selected
 
 
-def select_by_factor(scores: torch.Tensor, candidates: torch.Tensor, factor: float) -> torch.Tensor:
-    """The longest prefix of candidates sorted by score with c_i >= 1 - factor / (i + 1) (1-based i; c_1 always)."""
+def select_by_factor(
+    scores: torch.Tensor, candidates: torch.Tensor, factor: float, rule: str = "prefix"
+) -> torch.Tensor:
+    """The longest prefix of candidates sorted by score with c_i >= 1 - factor / (i + 1) (1-based i; c_1 always).
+
+    `rule="fast_dllm"`: as Fast-dLLM's code, which commits all n candidates when the first failure is the n-th."""
     scores = scores.masked_fill(~candidates, float("-inf"))
-    sorted_scores, order = scores.sort(dim=-1, descending=True)
+    sorted_scores, order = scores.sort(dim=-1, descending=True, stable=True)
     rank = torch.arange(1, scores.shape[-1] + 1, device=scores.device, dtype=torch.float64)
     passes = sorted_scores.double() >= 1 - factor / (rank + 1)
     passes[:, 0] = True
-    keep = passes.long().cumprod(dim=-1).bool() & (sorted_scores > float("-inf"))
+    count = passes.long().cumprod(dim=-1).sum(dim=-1, keepdim=True).clamp(max=candidates.sum(dim=-1, keepdim=True))
+    if rule == "fast_dllm":
+        total = candidates.sum(dim=-1, keepdim=True)
+        count = torch.where(count == total - 1, total, count)
+    keep = rank[None] <= count
     return torch.zeros_like(candidates).scatter(-1, order, keep) & candidates
+
+
+def select_by_hierarchy(
+    scores: torch.Tensor, candidates: torch.Tensor, threshold: float, low_threshold: float
+) -> torch.Tensor:
+    """dInfer's hierarchical rule: `select_by_threshold` plus, in every run of adjacent candidates, its best one (all
+    of them on a tie) when its score is >= `low_threshold`."""
+    scores = scores.masked_fill(~candidates, float("-inf"))
+    selected = select_by_threshold(scores, candidates, threshold)
+    previous = torch.cat([torch.zeros_like(candidates[:, :1]), candidates[:, :-1]], dim=1)
+    run = (candidates & ~previous).long().cumsum(dim=-1)  # 1, 2, ... on each run of candidates, 0 before the first
+    run = run.masked_fill(~candidates, 0)
+    run_best = torch.full_like(scores, float("-inf")).scatter_reduce(-1, run, scores, "amax")
+    best_of_run = candidates & (scores == run_best.gather(-1, run)) & (scores >= low_threshold)
+    return selected | best_of_run
+
+
+def fuse_credit(
+    logits: torch.Tensor,
+    credit: torch.Tensor | None,
+    masked: torch.Tensor,
+    mask_id: int,
+    alpha: float,
+    decay: float,
+    boost: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Credit decoding for one step: `logits` [B, W, V] of the block, `credit` [B, W, V] float32 (None on the block's
+    first step), `masked` [B, W] its still-masked positions. Decays the credit, adds p_top1 ** boost at each masked
+    position's top-1 token (the mask token never counts) and returns (logits + alpha * log(1 + credit), credit)."""
+    credit = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device) if credit is None else credit * decay
+    probs = logits.float().softmax(dim=-1)
+    top1 = probs.index_fill(-1, torch.tensor([mask_id], device=logits.device), -1.0).argmax(dim=-1, keepdim=True)
+    gain = probs.gather(-1, top1).nan_to_num(nan=0.0).pow(boost) * masked[..., None]
+    credit = credit.scatter_add(-1, top1, gain)
+    return logits + (alpha * credit.log1p()).to(logits.dtype), credit
 
 
 def process_block_logits(
@@ -901,6 +1079,7 @@ class DiffusionGenerationMixin:
             "history": [] if config.output_history else None,
             "logits_processor": logits_processor,
             "draft_streamer": streamer if hasattr(streamer, "put_draft") else None,
+            "forwards": 0,  # denoising steps run so far in this generation (for cache_warmup_steps)
         }
         active = torch.ones(batch, dtype=torch.bool, device=device)
         if streamer is not None:
@@ -941,7 +1120,7 @@ class DiffusionGenerationMixin:
         xs, masks, prompts = x[rows], full_mask[rows], prompt_index[rows]
         parallel = config.threshold is not None or config.factor is not None
         quota = transfer_schedule((xs[:, start:end] == mask_id).sum(dim=1), steps)
-        cache = None
+        cache, credit = None, None
         if config.cache_mode is not None:
             cache = DiffusionBlockCache(config.cache_mode, self.config.num_hidden_layers)
         # Threshold / factor rules commit at least one position per forward, so `end - start` forwards fill the block;
@@ -952,12 +1131,27 @@ class DiffusionGenerationMixin:
             still_masked = (xs[:, start:end] == mask_id).any(dim=1)
             if (step >= steps) if not parallel else not still_masked.any():
                 break
-            logits, window = self._step_logits(xs, masks, prompts, mask_id, cache, step, start, end, config)
+            refresh = cache is not None and (
+                step == 0
+                or state["forwards"] < config.cache_warmup_steps
+                or (config.cache_refresh_interval is not None and step % config.cache_refresh_interval == 0)
+            )
+            logits, window = self._step_logits(xs, masks, prompts, mask_id, cache, refresh, start, end, config)
+            lo, hi = start - window[0], end - window[0]  # the block's columns in the step's logits
             if state["logits_processor"]:
-                logits = process_block_logits(state["logits_processor"], xs, logits, start - window[0], end - window[0])
-            allowed = exclude_mask_token(logits, mask_id, start - window[0], end - window[0], config)
+                logits = process_block_logits(state["logits_processor"], xs, logits, lo, hi)
+            if config.credit_alpha is not None:
+                fused, credit = fuse_credit(
+                    logits[:, lo:hi], credit, xs[:, start:end] == mask_id, mask_id, config.credit_alpha,
+                    config.credit_decay, config.credit_boost,
+                )
+                logits = torch.cat([logits[:, :lo], fused, logits[:, hi:]], dim=1)
+            allowed = exclude_mask_token(logits, mask_id, lo, hi, config)
             proposal_w = propose_tokens(allowed, config.temperature, config.top_k, config.top_p, generator)
-            scores_w = confidence(logits, proposal_w, config.remasking, config.confidence_suppress_tokens, generator)
+            scores_w = confidence(
+                logits, proposal_w, config.remasking, config.confidence_suppress_tokens, generator,
+                CONFIDENCE_DTYPES.get(config.confidence_dtype),
+            )
             proposal = xs.clone()
             proposal[:, window[0] : window[1]] = proposal_w
             scores = torch.full(xs.shape, float("-inf"), dtype=scores_w.dtype, device=xs.device)
@@ -973,10 +1167,12 @@ class DiffusionGenerationMixin:
 
             if parallel and step + 1 >= max_forwards:
                 commit = candidates  # the forward cap: commit the rest of the block now
+            elif config.low_threshold is not None:
+                commit = select_by_hierarchy(scores, candidates, config.threshold, config.low_threshold)
             elif config.threshold is not None:
                 commit = select_by_threshold(scores, candidates, config.threshold)
             elif config.factor is not None:
-                commit = select_by_factor(scores, candidates, config.factor)
+                commit = select_by_factor(scores, candidates, config.factor, config.factor_rule)
             else:
                 commit = select_by_quota(scores, quota[:, step])
 
@@ -994,26 +1190,32 @@ class DiffusionGenerationMixin:
             if state["draft_streamer"] is not None:
                 state["draft_streamer"].put_draft(x[:, start:end].cpu())
             step += 1
+            state["forwards"] += 1
         if (xs[:, start:end] == mask_id).any():  # cannot happen: proposals exclude the mask and quotas fill the block
             raise RuntimeError(f"diffusion_generate: the block [{start}, {end}) still holds mask tokens after decoding")
 
-    def _step_logits(self, xs, masks, prompts, mask_id, cache, step, start, end, config):
-        """Logits of the columns [window) the step needs, with CFG applied; the window start is its offset."""
+    def _step_logits(self, xs, masks, prompts, mask_id, cache, refresh, start, end, config):
+        """Logits of the columns [window) the step needs, with CFG applied; the window start is its offset.
+
+        With a cache: `refresh` runs the whole canvas and stores its keys / values; other steps run the columns the
+        cache recomputes (the block, widened by `cache_vicinity`; the prefix cache: from there to the end)."""
         inputs, attention = xs, masks
         if config.cfg_scale > 0:
             inputs = torch.cat([xs, xs.masked_fill(prompts, mask_id)])
             attention = torch.cat([masks, masks])
         if cache is None:
             logits, window = self(inputs, attention_mask=attention).logits, (0, xs.shape[1])
-        elif step == 0:
+        elif refresh:
             cache.refresh()
             keep = torch.arange(start, end, device=xs.device)
             logits = self(inputs, attention_mask=attention, past_key_values=cache, logits_to_keep=keep).logits
-            cache.select_block(start, end)
+            left, right = config.cache_vicinity or (0, 0)
+            cache.select_block(max(start - left, 0), min(end + right, xs.shape[1]))
             window = (start, end)
         else:
-            new = inputs[:, start:] if cache.mode == "prefix" else inputs[:, start:end]
-            keep = torch.arange(end - start, device=xs.device)
+            lo, hi = cache.layers[0].window
+            new = inputs[:, lo:] if cache.mode == "prefix" else inputs[:, lo:hi]
+            keep = torch.arange(start - lo, end - lo, device=xs.device)
             logits = self(new, attention_mask=attention, past_key_values=cache, logits_to_keep=keep).logits
             window = (start, end)
         if config.cfg_scale > 0:

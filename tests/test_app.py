@@ -147,7 +147,7 @@ def test_app_command_line(capsys):
         (["--tiny", "--bogus"], "unrecognized arguments: --bogus"),
         (["--tiny", "--port", "70000"], "--port 70000: expected a port number in 1..65535"),
         (["--tiny", "--bits", "3"], "argument --bits: invalid choice: 3"),
-        ([], "pass exactly one of --model PATH_OR_REPO or --tiny"),
+        ([], "pass exactly one of --model PATH_OR_REPO, --tiny or --server URL"),
         (["--tiny", "--max-new-tokens", "24", "--block-length", "0"], "--block-length 0: expected a positive integer"),
         (["--model", "/no/such/folder"], "'/no/such/folder': no such folder"),
     ):

@@ -224,11 +224,13 @@ def test_bench_runs_the_repository_benchmark(capsys, tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "command, words",
     [
-        ([], ["generate", "chat", "convert", "bench"]),
+        ([], ["generate", "chat", "serve", "convert", "bench"]),
         (["generate"], ["--messages", "--threshold", "--cache", "--no-stream", "--json", "--bits", "--seed"]),
         (["chat"], ["/reset", "/system", "/exit", "--system", "--remasking"]),
         (["convert"], ["--bits", "--push-to-hub", "--mask-token-id", "trust_remote_code"]),
-        (["bench"], ["generation", "forward", "moe", "-- --repeats 3"]),
+        (["serve"], ["--max-batch-size", "--batch-window-ms", "--api-key", "--preset", "/v1/chat/completions",
+                     "--threshold", "--seed"]),
+        (["bench"], ["generation", "forward", "moe", "serve", "-- --repeats 3"]),
     ],
 )
 def test_help(capsys, command, words):

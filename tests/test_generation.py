@@ -349,6 +349,40 @@ def test_generation_config_defaults_and_round_trip(tmp_path):
     assert reloaded.generation_config.mask_token_id == MASK and reloaded.generation_config.temperature == 0.0
 
 
+def test_presets_name_the_reference_fast_dllm_and_dinfer_settings():
+    llada = DiffusionGenerationConfig.from_preset("llada")
+    assert (llada.threshold, llada.factor, llada.cache_mode, llada.temperature) == (None, None, None, 0.0)
+    fast = DiffusionGenerationConfig.from_preset("fast_dllm", max_new_tokens=64)
+    assert (fast.threshold, fast.cache_mode, fast.max_new_tokens) == (0.9, "dual", 64)
+    dinfer = DiffusionGenerationConfig.from_preset("dinfer")
+    assert dinfer.cache_mode == "dual" and dinfer.threshold is not None
+    # an override beats the preset, and a preset switches off what another turned on
+    assert DiffusionGenerationConfig.from_preset("fast_dllm", threshold=0.5).threshold == 0.5
+    assert DiffusionGenerationConfig.from_preset("llada", use_cache=False).cache_mode is None
+
+
+def test_llada_preset_is_the_reference_sampler():
+    model = tiny_model(seed=1)
+    x = prompts(2, 5)
+    expected = llada_reference_generate(model, x, 16, 4, 8, MASK)
+    config = DiffusionGenerationConfig.from_preset("llada", max_new_tokens=16, block_length=4, steps=8)
+    assert torch.equal(model.diffusion_generate(x, generation_config=config), expected)
+
+
+@pytest.mark.parametrize(
+    ("name", "overrides", "error", "message"),
+    [
+        ("fastdllm", {}, ValueError, r"unknown preset 'fastdllm'; expected one of \('llada', 'fast_dllm', 'dinfer'"),
+        (None, {}, ValueError, "unknown preset None"),
+        ("fast_dllm", {"threshold": 1.5}, ValueError, "`threshold`=1.5"),
+        ("dinfer", {"block_length": "8"}, TypeError, "`block_length`='8'"),
+    ],
+)
+def test_bad_presets_and_overrides_raise(name, overrides, error, message):
+    with pytest.raises(error, match=message):
+        DiffusionGenerationConfig.from_preset(name, **overrides)
+
+
 BAD_CALLS = {
     "steps": (dict(max_new_tokens=16, block_length=4, steps=3), "`steps`=3"),
     "block_length": (dict(max_new_tokens=16, block_length=0), "`block_length`=0"),

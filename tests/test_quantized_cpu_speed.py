@@ -20,10 +20,7 @@ import bitsandbytes.functional as bnb_functional  # noqa: E402
 
 from modeling_llada_moe import expert_cache  # noqa: E402
 from modeling_llada_moe.modeling_llada_moe import LLaDAMoEExperts  # noqa: E402
-from quantization import (
-    fast_quantize,  # noqa: E402
-    load_quantized,  # noqa: E402
-)
+from quantization import fast_quantize, load_quantized  # noqa: E402
 
 
 def bitsandbytes_quantize(values, quant_type, double_quant):

@@ -1,5 +1,6 @@
 """The demo and the benchmark scripts run end to end (small settings), so they never rot."""
 
+import socket
 import subprocess
 import sys
 import time
@@ -63,6 +64,14 @@ def test_forward_benchmark_prints_its_table():
     assert len(lines) == 4 and all(name in out for name in ("eager", "grouped_mm", "batched_mm"))
 
 
+def test_decode_overhead_benchmark_prints_its_table():
+    out = run("-m", "benchmarks.decode_overhead", "--tiny-only", "--repeats", "1", "--max-new-tokens", "8",
+              "--block-length", "4")
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| tiny")]
+    assert [row[1].strip() for row in rows] == ["reference", "threshold 0.9", "dual cache + threshold 0.9"]
+    assert all(int(row[2]) >= 2 and float(row[4]) > 0 for row in rows)  # forwards counted, forward time measured
+
+
 def test_gpu_suite_sections_run_in_smoke_mode():
     # The two measurements the suite makes itself, on the tiny shape (the others are existing scripts).
     steps = table_rows(run("-m", "benchmarks.gpu_suite", "--smoke", "--repeats", "1", "--section", "block-steps"))
@@ -92,7 +101,11 @@ def test_sft_example_offline_demo(tmp_path):
 def launch_two_processes(script: str, *args: str) -> str:
     """`accelerate launch` of an example in 2 CPU processes (DDP over gloo); returns its stdout."""
     launcher = str(Path(sys.executable).with_name("accelerate"))
+    with socket.socket() as probe:  # a free port, so launches from parallel test runs do not meet on 29500
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
     flags = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
+    flags += ["--main_process_port", port]
     result = subprocess.run(
         [launcher, "launch", *flags, "--dynamo_backend", "no", script, *args],
         cwd=ROOT,

@@ -27,7 +27,8 @@ def runs(tmp_path_factory):
     out.mkdir()
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     result = subprocess.run(
-        [torchrun, "--nproc-per-node", "2", str(ROOT / "tests" / "distributed_worker.py"), str(folder), str(out)],
+        # --standalone: a free rendezvous port, so parallel test runs do not meet on 29500
+        [torchrun, "--standalone", "--nproc-per-node", "2", str(ROOT / "tests" / "distributed_worker.py"), folder, out],
         cwd=ROOT,
         capture_output=True,
         text=True,

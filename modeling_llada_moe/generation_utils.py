@@ -532,6 +532,12 @@ class DiffusionBlockCache(Cache):
         for layer in self.layers:
             layer.window = (start, end)
 
+    def keep_rows(self, index: torch.Tensor) -> None:
+        """Keep only the batch rows `index` (rows that finished their block leave the forwards)."""
+        for layer in self.layers:
+            if layer.is_initialized:
+                layer.keys, layer.values = layer.keys[index], layer.values[index]
+
 
 # Forwards per block in threshold / factor decoding: the block length (one commit per forward at least) plus this.
 FORWARD_CAP_MARGIN = 2
@@ -1131,6 +1137,13 @@ class DiffusionGenerationMixin:
             still_masked = (xs[:, start:end] == mask_id).any(dim=1)
             if (step >= steps) if not parallel else not still_masked.any():
                 break
+            if parallel and not still_masked.all():  # a row whose block is final takes part in no more forwards
+                keep = still_masked.nonzero().squeeze(1)
+                rows, xs, masks, prompts = rows[keep], xs[keep], masks[keep], prompts[keep]
+                credit = credit[keep] if credit is not None else None
+                if cache is not None:  # with CFG the cache holds the conditional rows, then the unconditional ones
+                    cache.keep_rows(torch.cat([keep, keep + len(still_masked)]) if config.cfg_scale > 0 else keep)
+                still_masked = still_masked[keep]
             refresh = cache is not None and (
                 step == 0
                 or state["forwards"] < config.cache_warmup_steps

@@ -405,3 +405,19 @@ def test_a_row_whose_block_is_final_leaves_the_forwards(kwargs):
     assert out.nfe.tolist() == [2, 8]
     assert batch_sizes[:8] == [2 * copies, copies, copies, copies] * 2
     assert torch.equal(out.sequences[1:], alone) and (out.sequences[0, 5:] == 5).all()
+
+
+# --- the benchmark task ------------------------------------------------------------------------------------------
+
+
+def test_addition_task_writes_the_sum_with_its_carries():
+    from benchmarks.tiny_task import addition_batch, addition_examples, addition_text
+
+    # digits d are tokens t(d+1); addends padded to 4 digits, the sum to 5
+    assert addition_text(9999, 1) == ("t10 t10 t10 t10 t101 t1 t1 t1 t2 t100", " t2 t1 t1 t1 t1")
+    assert addition_examples(3, seed=1) == addition_examples(3, seed=1) != addition_examples(3, seed=2)
+    prompts_, answers = addition_batch(5, seed=3)
+    assert prompts_.shape == (5, 10) and answers.shape == (5, 5)
+    a = int("".join(str(t - 1) for t in prompts_[0, :4].tolist()))
+    b = int("".join(str(t - 1) for t in prompts_[0, 5:9].tolist()))
+    assert int("".join(str(t - 1) for t in answers[0].tolist())) == a + b

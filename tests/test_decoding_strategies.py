@@ -421,3 +421,20 @@ def test_addition_task_writes_the_sum_with_its_carries():
     a = int("".join(str(t - 1) for t in prompts_[0, :4].tolist()))
     b = int("".join(str(t - 1) for t in prompts_[0, 5:9].tolist()))
     assert int("".join(str(t - 1) for t in answers[0].tolist())) == a + b
+
+
+def test_generation_benchmark_sweep_trains_and_prints_every_preset(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    command = [sys.executable, "-m", "benchmarks.generation", "--sweep", "--train-steps", "3", "--seeds", "2"]
+    result = subprocess.run(
+        [*command, "--batch", "4", "--save", str(tmp_path / "model")], cwd=ROOT, capture_output=True, text=True,
+        timeout=600, check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    assert len(rows) == 1 + 19 and all(f"preset {name}" in result.stdout for name in ("llada", "fast_dllm", "dinfer"))
+    assert (tmp_path / "model" / "config.json").is_file()

@@ -1,10 +1,15 @@
 """`diffusion_generate` for LLaDA-MoE: semi-autoregressive masked-diffusion decoding.
 
 One sampling loop (`DiffusionGenerationMixin._decode_block`) calls small strategy functions: how many tokens a step
-commits (`transfer_schedule`, `select_by_quota`, `select_by_threshold`, `select_by_factor`), which token each masked
-position proposes (`propose_tokens`) and how confident it is (`confidence`). With `temperature=0`, no `threshold` /
-`factor` and no cache, the result is token-identical to the LLaDA reference sampler (`generate.py`): same per-block
-step split, confidences in the logits dtype, per-row top-k over the whole row with -inf past the current block.
+commits (`transfer_schedule`, `select_by_quota`, `select_by_threshold`, `select_by_factor`, `select_by_hierarchy`),
+which token each masked position proposes (`propose_tokens`), how confident it is (`confidence`), and how past steps
+shift a step's logits (`fuse_credit`); the cache knobs decide which steps refresh the cache and which columns a cached
+step recomputes. Named presets (`DiffusionGenerationConfig.from_preset`, `decoding_preset`) bundle these settings.
+In threshold / factor decoding a row whose block is final leaves the rest of that block's forwards.
+
+With `temperature=0`, no `threshold` / `factor` and no cache (every strategy off: the defaults), the result is
+token-identical to the LLaDA reference sampler (`generate.py`): same per-block step split, confidences in the logits
+dtype, per-row top-k over the whole row with -inf past the current block.
 
 `generate` takes every calling form of transformers' `GenerationMixin.generate` (so `pipeline("text-generation")`
 works), and follows transformers' diffusion conventions (DiffusionGemma): `logits_processor` acts on every step's

@@ -138,3 +138,82 @@ def save_tiny_folder(path, model: LLaDAMoEForMaskedLM | None = None, chat: bool 
     model.save_pretrained(path)
     tiny_tokenizer(LING_CHAT_TEMPLATE if chat else None).save_pretrained(path)
     return path
+
+
+# Multi-digit addition: "a + b =" -> the digits of a + b, most significant first. Every answer digit depends on a
+# carry chain from the digits to its right, so committing several answer tokens in one forward makes mistakes that
+# one-token-per-step decoding avoids while the model is not fully trained: the task that separates decoding modes.
+ADDEND_DIGITS = 4
+PLUS = "t101"
+
+
+def digit_token(digit: int) -> str:
+    """The tiny tokenizer's token for a decimal digit: 0..9 -> "t1".."t10"."""
+    return f"t{digit + 1}"
+
+
+def addition_pairs(size: int, seed: int, digits: int = ADDEND_DIGITS) -> list[tuple[int, int]]:
+    rng = random.Random(seed)
+    return [(rng.randrange(10**digits), rng.randrange(10**digits)) for _ in range(size)]
+
+
+def addition_text(a: int, b: int, digits: int = ADDEND_DIGITS) -> tuple[str, str]:
+    """("a digits + b digits =", " sum digits"): addends zero-padded to `digits`, the sum to `digits + 1`."""
+    prompt = [digit_token(int(d)) for d in f"{a:0{digits}d}"] + [PLUS]
+    prompt += [digit_token(int(d)) for d in f"{b:0{digits}d}"] + [SEPARATOR]
+    return " ".join(prompt), " " + " ".join(digit_token(int(d)) for d in f"{a + b:0{digits + 1}d}")
+
+
+def addition_examples(size: int, seed: int = 0, digits: int = ADDEND_DIGITS) -> list[dict[str, str]]:
+    """Prompt-completion rows for `tiny_tokenizer` and `DiffusionSFTTrainer`."""
+    pairs = addition_pairs(size, seed, digits)
+    return [dict(zip(("prompt", "completion"), addition_text(a, b, digits))) for a, b in pairs]
+
+
+def addition_batch(size: int, seed: int = 10_000, digits: int = ADDEND_DIGITS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Held-out ([size, 2 * digits + 2] prompt ids, [size, digits + 1] answer ids), tokenised like the training rows."""
+    tokenizer = tiny_tokenizer()
+    rows = [addition_text(a, b, digits) for a, b in addition_pairs(size, seed, digits)]
+    prompts = torch.tensor([tokenizer.convert_tokens_to_ids(p.split()) for p, _ in rows])
+    answers = torch.tensor([tokenizer.convert_tokens_to_ids(c.split()) for _, c in rows])
+    return prompts, answers
+
+
+def train_addition_model(
+    steps: int = 1750, seed: int = 0, output_dir: str | None = None, **config_overrides
+) -> LLaDAMoEForMaskedLM:
+    """A tiny LLaDA-MoE trained on `ADDEND_DIGITS`-digit addition with `DiffusionSFTTrainer` (batch 64, lr 3e-3);
+    returned in eval mode (with `output_dir`, checkpoints every steps / 8 land there). Stopped short of convergence
+    on purpose: the decoding modes separate only while the model is unsure of some carries (at 1750 steps greedy
+    one-token-per-step decoding gets ~87 % of the sums exactly right; at 2000, 98 %). 1750 steps take ~10 minutes
+    on 2 busy CPU cores."""
+    import tempfile
+
+    from datasets import Dataset
+
+    from trl_ext import DiffusionSFTConfig, DiffusionSFTTrainer
+
+    model = tiny_model(seed, **config_overrides).train()
+    with tempfile.TemporaryDirectory() as scratch:
+        args = DiffusionSFTConfig(
+            output_dir=output_dir or scratch,
+            per_device_train_batch_size=64,
+            max_steps=steps,
+            learning_rate=3e-3,
+            lr_scheduler_type="constant",
+            warmup_steps=0,
+            seed=seed,
+            report_to="none",
+            bf16=False,
+            use_cpu=True,
+            save_strategy="steps" if output_dir else "no",
+            save_steps=max(steps // 8, 1),
+            save_only_model=True,
+            logging_steps=max(steps // 10, 1),
+            gradient_checkpointing=False,
+            dataloader_num_workers=0,
+            disable_tqdm=True,
+        )
+        data = Dataset.from_list(addition_examples(min(64 * steps, 32_768), seed))  # repeats past 512 steps
+        DiffusionSFTTrainer(model=model, args=args, train_dataset=data, processing_class=tiny_tokenizer()).train()
+    return model.eval()

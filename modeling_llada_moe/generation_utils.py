@@ -1,10 +1,15 @@
 """`diffusion_generate` for LLaDA-MoE: semi-autoregressive masked-diffusion decoding.
 
 One sampling loop (`DiffusionGenerationMixin._decode_block`) calls small strategy functions: how many tokens a step
-commits (`transfer_schedule`, `select_by_quota`, `select_by_threshold`, `select_by_factor`), which token each masked
-position proposes (`propose_tokens`) and how confident it is (`confidence`). With `temperature=0`, no `threshold` /
-`factor` and no cache, the result is token-identical to the LLaDA reference sampler (`generate.py`): same per-block
-step split, confidences in the logits dtype, per-row top-k over the whole row with -inf past the current block.
+commits (`transfer_schedule`, `select_by_quota`, `select_by_threshold`, `select_by_factor`, `select_by_hierarchy`),
+which token each masked position proposes (`propose_tokens`), how confident it is (`confidence`), and how past steps
+shift a step's logits (`fuse_credit`); the cache knobs decide which steps refresh the cache and which columns a cached
+step recomputes. Named presets (`DiffusionGenerationConfig.from_preset`, `decoding_preset`) bundle these settings.
+In threshold / factor decoding a row whose block is final leaves the rest of that block's forwards.
+
+With `temperature=0`, no `threshold` / `factor` and no cache (every strategy off: the defaults), the result is
+token-identical to the LLaDA reference sampler (`generate.py`): same per-block step split, confidences in the logits
+dtype, per-row top-k over the whole row with -inf past the current block.
 
 `generate` takes every calling form of transformers' `GenerationMixin.generate` (so `pipeline("text-generation")`
 works), and follows transformers' diffusion conventions (DiffusionGemma): `logits_processor` acts on every step's
@@ -531,6 +536,12 @@ class DiffusionBlockCache(Cache):
     def select_block(self, start: int, end: int) -> None:
         for layer in self.layers:
             layer.window = (start, end)
+
+    def keep_rows(self, index: torch.Tensor) -> None:
+        """Keep only the batch rows `index` (rows that finished their block leave the forwards)."""
+        for layer in self.layers:
+            if layer.is_initialized:
+                layer.keys, layer.values = layer.keys[index], layer.values[index]
 
 
 # Forwards per block in threshold / factor decoding: the block length (one commit per forward at least) plus this.
@@ -1131,6 +1142,13 @@ class DiffusionGenerationMixin:
             still_masked = (xs[:, start:end] == mask_id).any(dim=1)
             if (step >= steps) if not parallel else not still_masked.any():
                 break
+            if parallel and not still_masked.all():  # a row whose block is final takes part in no more forwards
+                keep = still_masked.nonzero().squeeze(1)
+                rows, xs, masks, prompts = rows[keep], xs[keep], masks[keep], prompts[keep]
+                credit = credit[keep] if credit is not None else None
+                if cache is not None:  # with CFG the cache holds the conditional rows, then the unconditional ones
+                    cache.keep_rows(torch.cat([keep, keep + len(still_masked)]) if config.cfg_scale > 0 else keep)
+                still_masked = still_masked[keep]
             refresh = cache is not None and (
                 step == 0
                 or state["forwards"] < config.cache_warmup_steps

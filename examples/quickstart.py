@@ -44,6 +44,9 @@ DECODERS = {
 }
 
 
+CANVAS = 5  # new tokens decoded per prompt: the four reversed digits and EOS
+
+
 def train_tiny(out: Path, epochs: int, examples: int) -> None:
     """Fine-tune a tiny random LLaDA-MoE on digit reversal with DiffusionSFTTrainer and save model + tokenizer."""
     from datasets import Dataset
@@ -120,10 +123,12 @@ def run_tiny(out: Path, epochs: int, examples: int) -> None:
     prompts = [encode_prompt(tokenizer, row["prompt"]) for row in held_out]
     answers = [row["completion"].strip() for row in held_out]
     print(f'example: "{held_out[0]["prompt"]}" -> expected "{answers[0]}"')
-    rows = evaluate(model, tokenizer, prompts, answers, max_new_tokens=8, block_length=4)
+    # The canvas is what training saw: four digits and the EOS after them (LLaDA learns its answer length from that
+    # EOS; positions past it are never trained, so what a model writes there would depend on the training seed).
+    rows = evaluate(model, tokenizer, prompts, answers, max_new_tokens=CANVAS, block_length=CANVAS)
     print_table(rows)
     out_ids = model.diffusion_generate(
-        prompts[0], max_new_tokens=8, block_length=4, threshold=0.9, cache_implementation="dual"
+        prompts[0], max_new_tokens=CANVAS, block_length=CANVAS, threshold=0.9, cache_implementation="dual"
     )
     answer = decode_completion(tokenizer, out_ids[0, prompts[0].shape[1] :])
     print(f'\nthreshold + dual cache on the example: "{answer}"')

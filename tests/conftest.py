@@ -1,5 +1,6 @@
 """Shared fixtures: tiny LLaDA-MoE configs and models (hidden 64, 2 layers, 8 experts, top-2), built locally."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -7,6 +8,13 @@ import pytest
 import torch
 
 from modeling_llada_moe import LLaDAMoEForMaskedLM
+
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # setup.cfg runs the suite in 2 pytest-xdist workers (one per core of the CI machine): each uses one thread, and
+    # so do the processes its tests start; two workers of 2 threads each on 2 cores spend their time waiting.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -447,48 +447,23 @@ class LLaDAMoEExperts(nn.Module):
         return final_hidden_states
 
 
-class ExpertGroup:
-    """Dense weights of a group of experts, shaped like the experts module transformers' implementations read."""
-
-    has_gate, has_bias, is_transposed, has_post_expert_norm, _is_expert_parallel = True, False, False, False, False
-
-    def __init__(self, act_fn: Callable, gate_up_proj: torch.Tensor, down_proj: torch.Tensor):
-        self.act_fn, self.gate_up_proj, self.down_proj = act_fn, gate_up_proj, down_proj
-        self.num_experts = gate_up_proj.shape[0]
-
-    def _apply_gate(self, gate_up_out: torch.Tensor) -> torch.Tensor:
-        gate, up = gate_up_out.chunk(2, dim=-1)
-        return self.act_fn(gate) * up
-
-
-EXPERTS_PER_CHUNK = 8  # 7B: 8 experts of a layer dequantized at a time = 96 MiB in bf16 instead of 768 MiB
-
-
 def grouped_mm_chunked_experts_forward(
     self: LLaDAMoEExperts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
-    """transformers' `grouped_mm` over groups of up to `EXPERTS_PER_CHUNK` of the experts tokens route to, each
-    dequantized when its group runs (or taken from the generation's `expert_cache`); experts no token routes to are
-    never dequantized. Plain weights are one group of views: exactly `grouped_mm`."""
+    """Quantized experts: one expert at a time, only the experts tokens route to, each dequantized when it runs or
+    taken from the generation's `expert_cache` (used in place: no copy into a stack). Plain weights: transformers'
+    `grouped_mm` over the views."""
     if not self.is_quantized:
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     output = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
     # Under expert parallelism a route to another rank's expert arrives as id `num_experts`: never computed here.
-    routed_experts = [index for index in torch.unique(top_k_index).tolist() if index < self.num_experts]
-    local = torch.full((self.num_experts + 1,), -1, dtype=torch.long, device=top_k_index.device)
-    for start in range(0, len(routed_experts), EXPERTS_PER_CHUNK):
-        chunk = routed_experts[start : start + EXPERTS_PER_CHUNK]
-        local.fill_(-1)
-        local[chunk] = torch.arange(len(chunk), device=local.device)
-        token, slot = (local[top_k_index] >= 0).nonzero(as_tuple=True)
-        dense = [self.dense_expert(index, hidden_states.dtype) for index in chunk]
-        group = ExpertGroup(self.act_fn, torch.stack([d[0] for d in dense]), torch.stack([d[1] for d in dense]))
-        routed = grouped_mm_experts_forward(
-            group,
-            hidden_states[token],
-            local[top_k_index[token, slot]][:, None],
-            top_k_weights[token, slot][:, None],
-        )
+    for index in torch.unique(top_k_index).tolist():
+        if index >= self.num_experts:
+            continue
+        token, slot = (top_k_index == index).nonzero(as_tuple=True)
+        gate_up, down = self.dense_expert(index, hidden_states.dtype)
+        gate, up = F.linear(hidden_states[token], gate_up).chunk(2, dim=-1)
+        routed = F.linear(self.act_fn(gate) * up, down) * top_k_weights[token, slot, None]
         output.index_add_(0, token, routed.float())
     return output.to(hidden_states.dtype)
 

@@ -109,6 +109,8 @@ def quantize_4bit_cpu(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """bitsandbytes' `quantize_4bit` op on CPU: packed codes [ceil(n / 2), 1] in `quant_storage` and float32 absmax
     [ceil(n / blocksize)], byte-identical to bitsandbytes' own implementation."""
+    if blocksize % 2:
+        raise ValueError(f"blocksize={blocksize}: expected an even 4-bit blocksize")
     flat = A.reshape(-1)
     n = flat.numel()
     full = n - n % blocksize
@@ -116,15 +118,10 @@ def quantize_4bit_cpu(
     absmax = torch.empty(-(-n // blocksize), dtype=torch.float32)
     blocks = flat[:full].view(-1, blocksize)
     step = CHUNK_BLOCKS
-    if blocksize % 2:
-        raise ValueError(f"blocksize={blocksize}: expected an even 4-bit blocksize")
     for first in range(0, blocks.shape[0], step):
         chunk = blocks[first : first + step]
-        if chunk.shape[0] < step:  # the last, short chunk: pad to the compiled shape with zeros
-            padded = torch.zeros(step, blocksize, dtype=chunk.dtype)
-            padded[: chunk.shape[0]] = chunk
-            codes, scales = KERNEL(padded, quant_type)
-            codes, scales = codes[: chunk.shape[0] * blocksize // 2], scales[: chunk.shape[0]]
+        if chunk.shape[0] < step:  # a short (last) chunk runs eagerly rather than padded to the compiled shape
+            codes, scales = _quantize_blocks(chunk, *midpoints(quant_type))
         else:
             codes, scales = KERNEL(chunk, quant_type)
         packed[first * blocksize // 2 : (first + chunk.shape[0]) * blocksize // 2] = codes

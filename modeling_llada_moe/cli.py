@@ -141,7 +141,8 @@ def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
         "--preset",
         choices=tuple(DECODING_PRESETS),
         help="named decoding settings (DiffusionGenerationConfig.from_preset): llada = the reference sampler, "
-        "fast_dllm = threshold 0.9 + dual cache, dinfer = dInfer's LLaDA-MoE settings; other flags override it",
+        "fast_dllm = threshold 0.9 + dual cache, dinfer = dInfer's LLaDA-MoE settings, dinfer_smooth = those with "
+        "its iteration smoothing; other flags override it",
     )
     group.add_argument("--max-new-tokens", type=positive_int, metavar="N", help="answer canvas length (default 128)")
     group.add_argument(

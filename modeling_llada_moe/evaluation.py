@@ -132,7 +132,7 @@ class LLaDAMoELM(TemplateLM):
             each request's `max_gen_toks` (default 256) is the canvas. Either way it is rounded up to whole blocks
             and the output trimmed back.
         preset: named decoding settings applied first (`DiffusionGenerationConfig.from_preset`: llada, fast_dllm,
-            dinfer); the arguments below override them.
+            dinfer, dinfer_smooth); the arguments below override them.
         steps, block_length, remasking, threshold, factor, cache_implementation, use_cache, temperature, top_k,
             top_p: the `DiffusionGenerationConfig` settings (unset ones keep the model's `generation_config`).
             `steps` counts denoising steps for the whole canvas (unset: one token per step);

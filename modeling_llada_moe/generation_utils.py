@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
+from transformers.generation.configuration_utils import CompileConfig
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.generation.logits_process import SuppressTokensLogitsProcessor
 from transformers.utils import GENERATION_CONFIG_NAME, ModelOutput
@@ -117,11 +118,19 @@ DECODING_PRESETS: dict[str, dict[str, Any]] = {
         temperature=0.0, remasking="low_confidence", threshold=0.76, low_threshold=0.62, factor=None,
         cache_implementation="dual", use_cache=True, cache_vicinity=(16, 16), cache_warmup_steps=4,
     ),
+    # The same with the script's iteration smoothing (`cont_weight` 0.3: in dInfer it selects the smoothing
+    # iteration, which also decays the threshold from 1.0 by 0.02 per forward of the generation).
+    "dinfer_smooth": dict(
+        temperature=0.0, remasking="low_confidence", threshold=0.76, low_threshold=0.62, factor=None,
+        cache_implementation="dual", use_cache=True, cache_vicinity=(16, 16), cache_warmup_steps=4,
+        cont_weight=0.3, cont_weight_init=0.15, cont_weight_growth=0.02, threshold_decay=0.02,
+    ),
 }
 # Every strategy field a preset may set, with its "off" value: a preset switches off what it does not name.
 PRESET_FIELDS_OFF = dict(
     threshold=None, factor=None, factor_rule="prefix", confidence_dtype=None, low_threshold=None, credit_alpha=None,
     cache_implementation=None, use_cache=None, cache_refresh_interval=None, cache_vicinity=None, cache_warmup_steps=0,
+    cont_weight=None, cont_weight_init=0.15, cont_weight_growth=0.02, threshold_decay=None,
 )
 
 
@@ -214,6 +223,20 @@ class DiffusionGenerationConfig(GenerationConfig):
             Memory: one float32 [rows, block_length, vocab] tensor.
         credit_decay (`float`, defaults to 0.8), credit_boost (`float`, defaults to 0.2): the credit's decay per step
             and the exponent applied to the top-1 probability, both in (0, 1].
+        cont_weight (`float`, *optional*): dInfer's iteration smoothing: the model's input at a still-masked position
+            is the mask token's embedding plus `w * (softmax(logits) @ embedding matrix)`, the expected embedding
+            under the last prediction made for that position, so later forwards see what earlier ones predicted.
+            `w` grows with the forwards `n` run so far in the generation, `w = min(cont_weight_init +
+            cont_weight_growth * n, cont_weight)`. The predictions are those of the last forward that computed the
+            position: with a cache, a refresh computes the rest of the canvas, a cached step its window (the block
+            and its vicinity; prefix cache: the block and the suffix). `None` = off (dInfer: 0.3). Memory: one
+            [rows, canvas, hidden] tensor; cost: a [window, vocab] x [vocab, hidden] product per forward.
+        cont_weight_init (`float`, defaults to 0.15), cont_weight_growth (`float`, defaults to 0.02): the smoothing
+            weight's start and growth per forward, both >= 0 (dInfer's defaults).
+        threshold_decay (`float`, *optional*): with `threshold`, the threshold of the `n`-th forward of the
+            generation (from 0) is `max(1 - threshold_decay * n, threshold)`: the first forwards, whose predictions
+            are the least informed, commit only their most confident positions (dInfer runs 0.02 with iteration
+            smoothing). Hierarchical decoding lowers its high threshold this way; the low one stays. `None` = off.
         cache_implementation (`str`, *optional*): the approximate KV cache: `"prefix"` (cache K/V before the block)
             or `"dual"` (cache prefix and suffix, recompute only the block), refreshed by a full forward at every
             block start. `None` = no cache (exact).
@@ -231,6 +254,15 @@ class DiffusionGenerationConfig(GenerationConfig):
             `cache_implementation` says; `True` with no `cache_implementation` means `"prefix"`; unset follows
             `cache_implementation`. The old `use_cache="prefix" | "dual"` still loads, as `cache_implementation`
             with a `FutureWarning`.
+        compile_config (`transformers.CompileConfig`, *optional*): run every forward of the sampling loop through
+            `torch.compile` (transformers' `model.get_compiled_call(compile_config)`, compiled once per model and
+            config); `None` (the default) or `disable_compile=True` = eager. While compiling, rows whose block is
+            final stay in the batch (committing nothing, counted in no NFE), so a block's steps have one static
+            shape: a generation compiles a bounded number of graphs, however many blocks it has (dual cache: the
+            refresh, the first block's step and the step of any later block, with `dynamic=None`). CPU:
+            `CompileConfig(mode="default", dynamic=None)`. CUDA graphs (`mode="reduce-overhead"`, CompileConfig's
+            default) need the uncached loop: the block cache keeps graph outputs across replays, so with a cache
+            on CUDA that mode is refused (use `mode="default"` or `"max-autotune-no-cudagraphs"`).
         mask_token_id (`int`, *optional*): defaults to the model config's `mask_token_id`. It is never proposed, and
             a prompt holding it (padding included) is rejected.
         suppress_tokens (`list[int]`, *optional*): token ids whose logits are set to -inf before sampling; with the
@@ -258,6 +290,10 @@ class DiffusionGenerationConfig(GenerationConfig):
         self.credit_alpha = kwargs.pop("credit_alpha", None)
         self.credit_decay = kwargs.pop("credit_decay", 0.8)
         self.credit_boost = kwargs.pop("credit_boost", 0.2)
+        self.cont_weight = kwargs.pop("cont_weight", None)
+        self.cont_weight_init = kwargs.pop("cont_weight_init", 0.15)
+        self.cont_weight_growth = kwargs.pop("cont_weight_growth", 0.02)
+        self.threshold_decay = kwargs.pop("threshold_decay", None)
         self.cache_refresh_interval = kwargs.pop("cache_refresh_interval", None)
         self.cache_vicinity = kwargs.pop("cache_vicinity", None)
         self.cache_warmup_steps = kwargs.pop("cache_warmup_steps", 0)
@@ -278,9 +314,10 @@ class DiffusionGenerationConfig(GenerationConfig):
 
         `"llada"`: the LLaDA reference sampler (greedy, low-confidence remasking, no cache, token-exact);
         `"fast_dllm"`: Fast-dLLM's threshold 0.9 with a dual cache; `"dinfer"`: dInfer's LLaDA-MoE evaluation
-        settings. Lengths (`max_new_tokens`, `block_length`, `steps`) and token ids stay at their defaults unless
-        overridden, e.g. `from_preset("fast_dllm", max_new_tokens=256, threshold=0.8)`. An unknown name raises a
-        `ValueError` listing the accepted ones; the result is validated.
+        settings; `"dinfer_smooth"`: the same with the iteration smoothing and threshold decay its script also
+        turns on (`cont_weight=0.3`, `threshold_decay=0.02`). Lengths (`max_new_tokens`, `block_length`, `steps`)
+        and token ids stay at their defaults unless overridden, e.g. `from_preset("fast_dllm", max_new_tokens=256,
+        threshold=0.8)`. An unknown name raises a `ValueError` listing the accepted ones; the result is validated.
         """
         config = cls(**{**decoding_preset(name), **overrides})
         config.validate()
@@ -326,7 +363,7 @@ class DiffusionGenerationConfig(GenerationConfig):
                 fail(field, "expected a positive integer", TypeError)
         for field in (
             "temperature", "top_p", "cfg_scale", "threshold", "factor", "low_threshold", "credit_alpha",
-            "credit_decay", "credit_boost",
+            "credit_decay", "credit_boost", "cont_weight", "cont_weight_init", "cont_weight_growth", "threshold_decay",
         ):
             value = getattr(self, field, None)
             if value is not None and not is_number(value):
@@ -405,6 +442,15 @@ class DiffusionGenerationConfig(GenerationConfig):
         for field in ("credit_decay", "credit_boost"):
             if getattr(self, field) is None or not 0 < getattr(self, field) <= 1:
                 fail(field, "expected a float in (0, 1]")
+        if self.cont_weight is not None and not self.cont_weight > 0:
+            fail("cont_weight", "expected a finite positive float (None = no iteration smoothing)")
+        for field in ("cont_weight_init", "cont_weight_growth"):
+            if getattr(self, field) is None or getattr(self, field) < 0:
+                fail(field, "expected a finite float >= 0")
+        if self.threshold_decay is not None and self.threshold is None:
+            fail("threshold_decay", "it decays `threshold`: set threshold too")
+        if self.threshold_decay is not None and not self.threshold_decay > 0:
+            fail("threshold_decay", "expected a finite positive float (None = no decay)")
         if self.cache_refresh_interval is not None and not positive_int(self.cache_refresh_interval):
             fail("cache_refresh_interval", "expected a positive integer (steps between refreshes) or None")
         if self.cache_warmup_steps is None or self.cache_warmup_steps < 0:
@@ -428,6 +474,10 @@ class DiffusionGenerationConfig(GenerationConfig):
                     fail(field, "it applies to a cache only: set cache_implementation ('prefix' or 'dual')")
         if not positive_int(self.num_return_sequences):
             fail("num_return_sequences", "expected a positive integer")
+        if self.compile_config is not None and not isinstance(self.compile_config, CompileConfig):
+            fail("compile_config", "expected a transformers.CompileConfig or None", TypeError)
+        if self.disable_compile is not None and not isinstance(self.disable_compile, bool):
+            fail("disable_compile", "expected True, False or None", TypeError)
         for field, neutral in AR_ONLY_FIELDS.items():
             if getattr(self, field, None) not in neutral:
                 fail(field, "it applies to autoregressive decoding only (use cfg_scale for guidance)")
@@ -546,6 +596,16 @@ class DiffusionBlockCache(Cache):
 
 # Forwards per block in threshold / factor decoding: the block length (one commit per forward at least) plus this.
 FORWARD_CAP_MARGIN = 2
+
+
+def smooth_predictions(state: dict, rows: torch.Tensor, logits: torch.Tensor, window: tuple[int, int],
+                       embedding: torch.Tensor, config) -> None:
+    """Iteration smoothing (dInfer's `cont_weight`): store `w * softmax(logits) @ embedding` for the canvas columns
+    [window) of `rows`, `w = min(cont_weight_init + cont_weight_growth * n, cont_weight)` at the generation's
+    `n`-th forward; the next forwards add it to the mask embedding wherever the position is still masked."""
+    weight = min(config.cont_weight_init + config.cont_weight_growth * state["forwards"], config.cont_weight)
+    probabilities = torch.softmax(logits.float(), dim=-1).to(embedding.dtype)
+    state["smooth"][rows, window[0] : window[1]] = weight * (probabilities @ embedding)
 
 
 def exclude_mask_token(logits: torch.Tensor, mask_id: int, lo: int, hi: int, config) -> torch.Tensor:
@@ -1090,8 +1150,30 @@ class DiffusionGenerationMixin:
             "history": [] if config.output_history else None,
             "logits_processor": logits_processor,
             "draft_streamer": streamer if hasattr(streamer, "put_draft") else None,
-            "forwards": 0,  # denoising steps run so far in this generation (for cache_warmup_steps)
+            "forwards": 0,  # denoising steps run so far in this generation (cache_warmup_steps, the smoothing schedule)
+            # iteration smoothing: the weighted expected embedding of each position's last prediction (zero: none)
+            "smooth": None,
+            "forward": self.__call__,
+            "static_rows": False,  # compiled: finished rows stay in the batch, so shapes stay static per block
         }
+        if config.compile_config is not None and not config.disable_compile:
+            if (
+                config.compile_config.mode == "reduce-overhead" and device.type == "cuda"
+                and config.cache_mode is not None
+            ):
+                raise ValueError(
+                    "diffusion_generate: compile_config.mode='reduce-overhead' (CUDA graphs) cannot run with "
+                    f"cache_implementation={config.cache_mode!r}: the block cache keeps graph outputs across "
+                    "replays; use mode='default' or 'max-autotune-no-cudagraphs', or no cache"
+                )
+            state["forward"] = self.get_compiled_call(config.compile_config)
+            state["static_rows"] = True
+            state["cudagraphs"] = config.compile_config.mode == "reduce-overhead" and device.type == "cuda"
+        if config.cont_weight is not None:
+            embedding = self.get_input_embeddings().weight
+            state["smooth"] = torch.zeros(
+                (*x.shape, embedding.shape[1]), dtype=embedding.dtype, device=embedding.device
+            )
         active = torch.ones(batch, dtype=torch.bool, device=device)
         if streamer is not None:
             streamer.put(input_ids.cpu())
@@ -1142,7 +1224,8 @@ class DiffusionGenerationMixin:
             still_masked = (xs[:, start:end] == mask_id).any(dim=1)
             if (step >= steps) if not parallel else not still_masked.any():
                 break
-            if parallel and not still_masked.all():  # a row whose block is final takes part in no more forwards
+            if parallel and not still_masked.all() and not state["static_rows"]:
+                # a row whose block is final takes part in no more forwards
                 keep = still_masked.nonzero().squeeze(1)
                 rows, xs, masks, prompts = rows[keep], xs[keep], masks[keep], prompts[keep]
                 credit = credit[keep] if credit is not None else None
@@ -1154,8 +1237,16 @@ class DiffusionGenerationMixin:
                 or state["forwards"] < config.cache_warmup_steps
                 or (config.cache_refresh_interval is not None and step % config.cache_refresh_interval == 0)
             )
-            logits, window = self._step_logits(xs, masks, prompts, mask_id, cache, refresh, start, end, config)
+            smooth = state["smooth"][rows] if state["smooth"] is not None else None
+            logits, window = self._step_logits(
+                xs, masks, prompts, mask_id, cache, refresh, start, end, config, smooth, state
+            )
             lo, hi = start - window[0], end - window[0]  # the block's columns in the step's logits
+            if smooth is not None:  # the step's predictions feed the next forwards' inputs; then the block's own
+                smooth_predictions(  # generated columns only (a CFG copy's masked prompt keeps its plain mask)
+                    state, rows, logits[:, lo:], (start, window[1]), self.get_input_embeddings().weight, config
+                )
+                logits, window, lo, hi = logits[:, lo:hi], (start, end), 0, end - start
             if state["logits_processor"]:
                 logits = process_block_logits(state["logits_processor"], xs, logits, lo, hi)
             if config.credit_alpha is not None:
@@ -1183,12 +1274,15 @@ class DiffusionGenerationMixin:
             scores = torch.where(candidates, scores.nan_to_num(nan=low, posinf=high, neginf=low), float("-inf"))
             proposal = torch.where(is_mask, proposal, xs)
 
+            threshold = config.threshold
+            if config.threshold_decay is not None:
+                threshold = max(1.0 - config.threshold_decay * state["forwards"], config.threshold)
             if parallel and step + 1 >= max_forwards:
                 commit = candidates  # the forward cap: commit the rest of the block now
             elif config.low_threshold is not None:
-                commit = select_by_hierarchy(scores, candidates, config.threshold, config.low_threshold)
+                commit = select_by_hierarchy(scores, candidates, threshold, config.low_threshold)
             elif config.threshold is not None:
-                commit = select_by_threshold(scores, candidates, config.threshold)
+                commit = select_by_threshold(scores, candidates, threshold)
             elif config.factor is not None:
                 commit = select_by_factor(scores, candidates, config.factor, config.factor_rule)
             else:
@@ -1212,30 +1306,47 @@ class DiffusionGenerationMixin:
         if (xs[:, start:end] == mask_id).any():  # cannot happen: proposals exclude the mask and quotas fill the block
             raise RuntimeError(f"diffusion_generate: the block [{start}, {end}) still holds mask tokens after decoding")
 
-    def _step_logits(self, xs, masks, prompts, mask_id, cache, refresh, start, end, config):
+    def _step_logits(self, xs, masks, prompts, mask_id, cache, refresh, start, end, config, smooth, state):
         """Logits of the columns [window) the step needs, with CFG applied; the window start is its offset.
 
         With a cache: `refresh` runs the whole canvas and stores its keys / values; other steps run the columns the
-        cache recomputes (the block, widened by `cache_vicinity`; the prefix cache: from there to the end)."""
+        cache recomputes (the block, widened by `cache_vicinity`; the prefix cache: from there to the end).
+        `smooth` (iteration smoothing, [rows, canvas, hidden]) is added to the embeddings of masked positions; the
+        window then also covers the masked columns after the block that the forward computes."""
         inputs, attention = xs, masks
         if config.cfg_scale > 0:
             inputs = torch.cat([xs, xs.masked_fill(prompts, mask_id)])
             attention = torch.cat([masks, masks])
+        total = xs.shape[1]
+
+        def run(lo, hi, **kwargs):  # the model on the canvas columns [lo, hi)
+            forward = state["forward"]
+            if state.get("cudagraphs"):  # the previous replay's outputs are read already: let the next overwrite
+                torch.compiler.cudagraph_mark_step_begin()
+            if smooth is None:
+                logits = forward(inputs[:, lo:hi], attention_mask=attention, **kwargs).logits
+            else:
+                ids = inputs[:, lo:hi]
+                extra = smooth[:, lo:hi].repeat(inputs.shape[0] // xs.shape[0], 1, 1)
+                embeds = self.get_input_embeddings()(ids)
+                embeds = embeds + torch.where((ids == mask_id)[..., None], extra.to(embeds.dtype), 0)
+                logits = forward(inputs_embeds=embeds, attention_mask=attention, **kwargs).logits
+            return logits.clone() if state.get("cudagraphs") else logits
+
         if cache is None:
-            logits, window = self(inputs, attention_mask=attention).logits, (0, xs.shape[1])
+            logits, window = run(0, total), (0, total)
         elif refresh:
             cache.refresh()
-            keep = torch.arange(start, end, device=xs.device)
-            logits = self(inputs, attention_mask=attention, past_key_values=cache, logits_to_keep=keep).logits
+            window = (start, total if smooth is not None else end)
+            logits = run(0, total, past_key_values=cache, logits_to_keep=torch.arange(*window, device=xs.device))
             left, right = config.cache_vicinity or (0, 0)
-            cache.select_block(max(start - left, 0), min(end + right, xs.shape[1]))
-            window = (start, end)
+            cache.select_block(max(start - left, 0), min(end + right, total))
         else:
             lo, hi = cache.layers[0].window
-            new = inputs[:, lo:] if cache.mode == "prefix" else inputs[:, lo:hi]
-            keep = torch.arange(start - lo, end - lo, device=xs.device)
-            logits = self(new, attention_mask=attention, past_key_values=cache, logits_to_keep=keep).logits
-            window = (start, end)
+            hi = total if cache.mode == "prefix" else hi
+            window = (start, hi if smooth is not None else end)
+            keep = torch.arange(window[0] - lo, window[1] - lo, device=xs.device)
+            logits = run(lo, hi, past_key_values=cache, logits_to_keep=keep)
         if config.cfg_scale > 0:
             cond, uncond = logits.chunk(2)
             logits = uncond + (config.cfg_scale + 1) * (cond - uncond)

@@ -15,6 +15,7 @@ from time_limit import time_limit
 from modeling_llada_moe import DiffusionGenerationConfig
 from modeling_llada_moe.generation_utils import (
     confidence,
+    decoding_preset,
     fuse_credit,
     select_by_factor,
     select_by_hierarchy,
@@ -212,6 +213,82 @@ def test_a_vicinity_as_wide_as_the_canvas_is_exact():
     assert torch.equal(plain, refreshed)
 
 
+# --- iteration smoothing (cont_weight) and threshold decay ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        dict(threshold=0.5, cache_implementation="dual", cache_vicinity=(2, 2)),
+        dict(threshold=0.9, cache_implementation="prefix"),
+        dict(cfg_scale=1.0),
+    ],
+)
+def test_smoothing_at_weight_zero_is_the_plain_sampler(kwargs):
+    # the embeddings path (inputs_embeds plus a zero smoothing term) gives the token-id path's tokens exactly
+    model = tiny_model(seed=7)
+    x = prompts(3, 6, seed=3)
+    plain = model.diffusion_generate(x, **GEN, **kwargs)
+    zero = model.diffusion_generate(x, **GEN, **kwargs, cont_weight=0.3, cont_weight_init=0.0, cont_weight_growth=0.0)
+    assert torch.equal(plain, zero)
+
+
+def test_smoothing_feeds_each_forward_the_expected_embedding_of_the_last_prediction():
+    model = tiny_model(seed=5)
+    embedding = model.get_input_embeddings().weight
+    inputs, outputs = [], []
+    pre = model.model.register_forward_pre_hook(
+        lambda module, args, kwargs: inputs.append(kwargs["inputs_embeds"].clone()), with_kwargs=True
+    )
+    post = model.register_forward_hook(lambda module, args, out: outputs.append(out.logits.clone()))
+    x = prompts(2, 5, seed=4)
+    try:
+        out = model.diffusion_generate(
+            x, max_new_tokens=4, block_length=4, cont_weight=0.16, output_history=True, return_dict_in_generate=True
+        )
+    finally:
+        pre.remove()
+        post.remove()
+    assert len(inputs) == 4
+    assert torch.equal(inputs[0], embedding[torch.cat([x, torch.full((2, 4), MASK)], 1)])  # nothing predicted yet
+    for n in (1, 2, 3):
+        canvas = out.history[n - 1]  # the canvas the n-th forward (from 0) reads
+        weight = min(0.15 + 0.02 * (n - 1), 0.16)  # set by the forward before it: 0.15, then capped at 0.16
+        predicted = weight * torch.softmax(outputs[n - 1][:, 5:].float(), -1) @ embedding
+        expected = embedding[canvas].clone()
+        still = canvas[:, 5:] == MASK
+        expected[:, 5:][still] += predicted[still]
+        torch.testing.assert_close(inputs[n], expected)
+        assert still.any()
+
+
+def test_smoothing_changes_the_decoding_terminates_and_never_commits_the_mask_token():
+    model = tiny_model(seed=7)
+    x = prompts(3, 6, seed=3)
+    kwargs = dict(max_new_tokens=12, block_length=4)
+    plain = model.diffusion_generate(x, cache_implementation="prefix", threshold=0.9, **kwargs)
+    smooth = model.diffusion_generate(
+        x, cache_implementation="prefix", threshold=0.9, cont_weight=0.3, return_dict_in_generate=True, **kwargs
+    )
+    assert not torch.equal(plain, smooth.sequences)
+    assert not (smooth.sequences == MASK).any() and (smooth.nfe <= 12 + 3 * 2).all()
+
+
+def test_threshold_decay_starts_at_one_and_falls_to_the_threshold():
+    model = tiny_model(seed=9)
+    x = prompts(3, 5, seed=5)
+    kwargs = dict(max_new_tokens=8, block_length=8, threshold=0.01, return_dict_in_generate=True)
+    plain = model.diffusion_generate(x, **kwargs)
+    assert ((plain.unmask_step == 0).sum(1) > 1).all()  # threshold 0.01 commits several tokens in its first forward
+    decayed = model.diffusion_generate(x, threshold_decay=0.5, **kwargs)  # thresholds 1.0, 0.5, then 0.01
+    assert (decayed.unmask_step == 0).sum(1).tolist() == [1, 1, 1]
+    assert not (decayed.sequences == MASK).any()
+    # the hierarchy's high threshold decays the same way; its low threshold stays
+    high = model.diffusion_generate(x, low_threshold=0.01, threshold_decay=0.5, **kwargs)
+    assert ((high.unmask_step == 0).sum(1) >= 1).all() and not (high.sequences == MASK).any()
+
+
 # --- defaults unchanged, presets -------------------------------------------------------------------------------
 
 
@@ -221,12 +298,24 @@ def test_defaults_switch_every_strategy_off():
         None, None, None, None
     )
     assert (config.cache_warmup_steps, config.factor_rule, config.confidence_dtype) == (0, "prefix", None)
+    assert (config.cont_weight, config.threshold_decay) == (None, None)
 
 
 def test_dinfer_preset_decodes_with_its_strategies():
     config = DiffusionGenerationConfig.from_preset("dinfer", **GEN)
     assert (config.threshold, config.low_threshold, config.cache_mode) == (0.76, 0.62, "dual")
     assert (config.cache_vicinity, config.cache_warmup_steps) == ((16, 16), 4)
+    assert (config.cont_weight, config.threshold_decay) == (None, None)
+    smooth = DiffusionGenerationConfig.from_preset("dinfer_smooth", **GEN)
+    assert (smooth.cont_weight, smooth.cont_weight_init, smooth.cont_weight_growth) == (0.3, 0.15, 0.02)
+    assert (smooth.threshold_decay, smooth.threshold, smooth.low_threshold, smooth.cache_vicinity) == (
+        0.02, 0.76, 0.62, (16, 16)
+    )
+    out = tiny_model(seed=7).diffusion_generate(prompts(), generation_config=smooth, return_dict_in_generate=True)
+    assert not (out.sequences == MASK).any() and (out.nfe <= 8 + 2 * 2).all()
+    # a later preset switches the smoothing off again
+    both = {**decoding_preset("dinfer_smooth"), **decoding_preset("dinfer")}
+    assert DiffusionGenerationConfig(**both).cont_weight is None
     model = tiny_model(seed=7)
     out = model.diffusion_generate(prompts(), generation_config=config, return_dict_in_generate=True)
     assert not (out.sequences == MASK).any() and (out.nfe <= 8 + 2 * 2).all()
@@ -247,6 +336,12 @@ BAD = {
     "vicinity_type": (dict(cache_implementation="dual", cache_vicinity=(1, 2.0)), TypeError, "`cache_vicinity`"),
     "vicinity_negative": (dict(cache_implementation="dual", cache_vicinity=(-1, 2)), ValueError, ">= 0"),
     "warmup_negative": (dict(cache_implementation="dual", cache_warmup_steps=-1), ValueError, "warmup_steps`=-1"),
+    "cont_weight": (dict(cont_weight=0.0), ValueError, "`cont_weight`=0.0"),
+    "cont_weight_nan": (dict(cont_weight=float("nan")), ValueError, "`cont_weight`=nan"),
+    "cont_weight_init": (dict(cont_weight=0.3, cont_weight_init=-0.1), ValueError, "`cont_weight_init`=-0.1"),
+    "cont_weight_growth_type": (dict(cont_weight=0.3, cont_weight_growth="0.02"), TypeError, "`cont_weight_growth`"),
+    "threshold_decay_without_threshold": (dict(threshold_decay=0.02), ValueError, "set threshold too"),
+    "threshold_decay_negative": (dict(threshold=0.9, threshold_decay=-0.02), ValueError, "`threshold_decay`=-0.02"),
 }
 
 
@@ -287,6 +382,12 @@ def strategies(draw):
             cache_vicinity=draw(st.sampled_from([None, (1, 1), (16, 16)])),
             cache_warmup_steps=draw(st.sampled_from([0, 4])),
         )
+    if draw(st.booleans()):
+        kwargs.update(
+            cont_weight=draw(st.sampled_from([0.3, 5.0])), cont_weight_growth=draw(st.sampled_from([0.02, 1.0]))
+        )
+    if "threshold" in kwargs and draw(st.booleans()):
+        kwargs["threshold_decay"] = draw(st.sampled_from([0.02, 0.5]))
     kwargs["confidence_dtype"] = draw(st.sampled_from([None, "float64"]))
     kwargs["temperature"] = draw(st.sampled_from([0.0, 0.0, 1.0]))
     return kwargs
@@ -436,5 +537,5 @@ def test_generation_benchmark_sweep_trains_and_prints_every_preset(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
-    assert len(rows) == 1 + 19 and all(f"preset {name}" in result.stdout for name in ("llada", "fast_dllm", "dinfer"))
+    assert len(rows) == 1 + 24 and all(f"preset {name}" in result.stdout for name in ("llada", "fast_dllm", "dinfer"))
     assert (tmp_path / "model" / "config.json").is_file()

@@ -2,12 +2,17 @@
 
     python -m benchmarks.decode_overhead                 # the tiny model and a 1-layer slice of the 7B shape (CPU)
     python -m benchmarks.decode_overhead --device cuda   # the same on a GPU (synchronized around each forward)
+    python -m benchmarks.decode_overhead --compile       # also: the loop with `compile_config` (inductor) vs eager
 
 Each `diffusion_generate` call is timed whole, and every forward of the model inside it is timed by forward hooks;
 what is left, divided by the number of forwards, is the loop's own cost per step. The 7B slice keeps the official
 vocabulary (157,184 logits per position: softmax, confidence and argmax over it are loop work) and hidden size with
 one decoder layer, so its forward is a sixteenth of the real one while the loop's work is the same. Medians of
 `--repeats` runs after a warm-up (fp32 on CPU, bf16 on a GPU).
+
+`--compile` adds a second table: the whole step (forward and loop) per forward, eager against the forwards compiled by
+inductor through `compile_config` (CUDA graphs, `mode="reduce-overhead"`, where no cache is used on a GPU; else
+`mode="default"`), the compile itself excluded (a warm-up call), and whether the tokens are identical.
 """
 
 from __future__ import annotations
@@ -81,6 +86,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--block-length", type=int, default=16)
     parser.add_argument("--tiny-only", action="store_true", help="skip the 7B-shaped slice (a quick check)")
+    parser.add_argument("--compile", action="store_true", help="also time the loop with compile_config (inductor)")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -108,6 +114,55 @@ def main() -> None:
             print(
                 f"| {name} | {mode} | {row['forwards']:.0f} | {row['total_ms']:.1f} | {row['forward_ms']:.1f} | "
                 f"{row['host_ms'] / row['forwards']:.2f} | {row['host_ms'] / row['total_ms']:.0%} |",
+                flush=True,
+            )
+    if args.compile:
+        compiled_table(models, args, device)
+
+
+def timed_generation(model, prompt, settings: dict, repeats: int) -> tuple[float, torch.Tensor]:
+    """Median seconds of `repeats` calls after a warm-up call (which compiles), and the tokens."""
+    out = model.diffusion_generate(prompt, **settings)
+    times = []
+    for _ in range(repeats):
+        if prompt.device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = model.diffusion_generate(prompt, **settings)
+        if prompt.device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), out
+
+
+def compiled_table(models: dict, args, device: torch.device) -> None:
+    from transformers import CompileConfig
+
+    print()
+    print("| model | mode | compile mode | forwards | eager ms/step | compiled ms/step | speed-up | same tokens |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name, model in models.items():
+        vocab = min(model.config.vocab_size, 120)
+        prompt = torch.randint(0, vocab, (1, 32), generator=torch.Generator().manual_seed(0)).to(device)
+        for mode, extra in MODES.items():
+            settings = dict(
+                max_new_tokens=args.max_new_tokens, block_length=args.block_length, return_dict_in_generate=True,
+                **extra,
+            )
+            cudagraphs = device.type == "cuda" and "cache_implementation" not in extra
+            compile_mode = "reduce-overhead" if cudagraphs else "default"
+            torch._dynamo.reset()  # each mode compiles its own graphs (dynamo's recompile limit is per function)
+            model.__dict__.pop("_compiled_call", None)
+            with torch.inference_mode():
+                eager_s, eager = timed_generation(model, prompt, settings, args.repeats)
+                compiled_s, compiled = timed_generation(
+                    model, prompt, dict(settings, compile_config=CompileConfig(mode=compile_mode)), args.repeats
+                )
+            forwards = int(eager.nfe.max())
+            print(
+                f"| {name} | {mode} | {compile_mode} | {forwards} | {eager_s / forwards * 1e3:.2f} | "
+                f"{compiled_s / forwards * 1e3:.2f} | {eager_s / compiled_s:.2f}x | "
+                f"{torch.equal(eager.sequences, compiled.sequences)} |",
                 flush=True,
             )
 

@@ -6,7 +6,7 @@
 Sections, each in its own process with its own time limit (a failure or time-out is written into the report and
 the suite goes on):
 
-1. `pytest -m gpu` (CUDA tests: bf16 backends, fused kernels at the 7B shape).
+1. `pytest -m gpu` (CUDA tests: bf16 backends, fused kernels at the 7B shape, the compiled sampling loop).
 2. The MoE block per backend (`benchmarks/moe.py`: eager, grouped_mm, batched_mm, llada_fused; bf16 and NF4) at
    1/32/64/128/256 tokens, with achieved weight GB/s against the device's HBM peak.
 3. The random 7B-A1B-shaped bf16 model: latency of one denoising step with no cache, the prefix cache and the dual
@@ -15,6 +15,8 @@ the suite goes on):
    step with and without caches.
 5. NF4: the 7B shape quantized while loading (`quantization.load_quantized`), its weight bytes against
    `estimate_memory`, and the peak GPU memory of loading and of a 32-token generation with the dual cache.
+6. The decoding loop's host time per step (`benchmarks/decode_overhead.py --tiny-only --compile`), and eager against
+   `compile_config` (inductor; CUDA graphs where no cache is used) with token identity.
 
 On the `device` tool (the image has torch and an older transformers, no trl/bitsandbytes): see the README's
 "GPU suite" section for the command and the wheels to carry.
@@ -144,17 +146,19 @@ def plan(args) -> list[tuple[str, list[str], int]]:
     here += ["--scratch", args.scratch] + (["--smoke"] if args.smoke else [])
     # The GPU-marked tests that need no trl (the device image has none): CUDA backends and the fused kernels.
     tests = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "-rs"]
-    tests += ["tests/test_gpu.py", "tests/test_fused_moe.py"]
+    tests += ["tests/test_gpu.py", "tests/test_fused_moe.py", "tests/test_compiled_decoding.py"]
     moe = [sys.executable, "-m", "benchmarks.moe", "--tokens", "1", "32", "64", "128", "256", "--repeats", "20"]
     generation = [sys.executable, "-m", "benchmarks.generation", "--device", args.device, "--max-new-tokens", "64"]
     generation += ["--block-length", "32", "--prompt-length", "128", "--repeats", str(args.repeats)]
+    overhead = [sys.executable, "-m", "benchmarks.decode_overhead", "--device", args.device, "--tiny-only", "--compile"]
     return [
-        ("GPU tests (`pytest -m gpu`)", tests, 150),
+        ("GPU tests (`pytest -m gpu`)", tests, 240),
         ("MoE block per backend (benchmarks/moe.py)", moe, 120),
         ("7B-shaped model: a denoising step vs the weight-bandwidth roofline", here + ["--section", "block-steps"], 90),
         ("Decoding throughput, batch 1", generation + ["--batch", "1"], 75),
         ("Decoding throughput, batch 8", generation + ["--batch", "8"], 75),
         ("NF4 7B: weights and peak GPU memory", here + ["--section", "nf4-memory"], 150),
+        ("Decoding loop: host overhead, eager vs compiled (tiny model)", overhead, 150),
     ]
 
 
@@ -168,7 +172,7 @@ def run_suite(args) -> int:
     ]
     failures = 0
     for title, command, limit in plan(args):
-        if args.smoke and ("moe.py" in title or "throughput" in title):
+        if args.smoke and ("moe.py" in title or "throughput" in title or "compiled" in title):
             lines += ["", f"## {title}", "", "skipped in a smoke run (needs CUDA)"]
             continue
         start = time.perf_counter()

@@ -26,30 +26,30 @@ def _single_tensor(input_dict: dict[str, list[torch.Tensor] | torch.Tensor]) -> 
     return key, tensors[0] if isinstance(tensors, list) else tensors
 
 
-def _expert_shard(model, layer_name: str | None) -> tuple[int, int] | None:
-    """(rank, ep_size) of the experts module a container weight named `layer_name` belongs to, if it is sharded."""
+def _experts_module(model, layer_name: str | None):
+    """The experts module a container weight named `layer_name` (`...mlp.experts.gate_up.weight`) belongs to."""
     if model is None or not layer_name:
         return None
     try:
-        experts = model.get_submodule(layer_name.rsplit(".", 2)[0])
+        return model.get_submodule(layer_name.rsplit(".", 2)[0])
     except AttributeError:
         return None
-    return getattr(experts, "expert_shard", None)
 
 
 class FlattenExperts(ConversionOps):
-    """[E, out, in] expert stack -> [E*out, in], the weight of one `nn.Linear` container."""
+    """[E, out, in] expert stack -> [E*out, in], the weight of one `nn.Linear` container; only this rank's part of
+    it when the experts are sharded (`LLaDAMoEExperts.local_part`: whole experts under expert parallelism, a slice
+    of every expert's intermediate dimension under expert tensor parallelism)."""
 
     @torch.no_grad()
     def convert(
         self, input_dict, source_patterns, target_patterns, model=None, full_layer_name=None, **kwargs
     ) -> dict[str, torch.Tensor]:
         _, tensor = _single_tensor(input_dict)
-        shard = _expert_shard(model, full_layer_name)
-        if shard is not None:
-            # Expert parallelism: this rank's experts only (`LLaDAMoEExperts.keep_local_experts`).
-            rank, size = shard
-            tensor = tensor.chunk(size)[rank].clone()  # a copy: a view would keep every expert's storage alive
+        experts = _experts_module(model, full_layer_name)
+        if hasattr(experts, "local_part"):
+            container = full_layer_name.rsplit(".", 2)[1]
+            return {target_patterns[0]: experts.local_part(container, tensor)}
         return {target_patterns[0]: tensor.reshape(-1, tensor.shape[-1])}
 
     @property

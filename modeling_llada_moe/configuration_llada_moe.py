@@ -200,13 +200,16 @@ class LLaDAMoEConfig(PreTrainedConfig):
     default_theta = 50_000.0
 
     # q/k/v are split by whole heads, so the per-head q/k norms stay local to a rank. The experts are split by
-    # `base_model_ep_plan` (whole experts per rank) when `DistributedConfig(ep_size=...)` asks for it, else replicated
-    # (see README, "Scaling out").
+    # `base_model_ep_plan` (whole experts per rank) when `DistributedConfig(ep_size=...)` asks for it; with tp_size
+    # alone, by expert tensor parallelism: every rank holds a slice of every expert's intermediate dimension, and the
+    # partial outputs are all-reduced (the model file's "llada_moe_tp_experts" style; `tp_plan={"model.layers.*.mlp.
+    # experts": "replicate"}` keeps whole experts on every rank instead). See README, "Scaling out".
     base_model_tp_plan: ClassVar[dict[str, str]] = {
         "layers.*.self_attn.q_proj": "colwise",
         "layers.*.self_attn.k_proj": "colwise",
         "layers.*.self_attn.v_proj": "colwise",
         "layers.*.self_attn.o_proj": "rowwise",
+        "layers.*.mlp.experts": "llada_moe_tp_experts",
     }
     # Expert parallelism: tokens go to the rank owning their expert through transformers' EP dispatch. Each rank
     # keeps whole experts, as contiguous rows of the flattened containers (cut by the model's

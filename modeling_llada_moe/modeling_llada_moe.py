@@ -23,6 +23,8 @@ from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.distributed.parallel_utils import ALL_PARALLEL_STYLES
+from transformers.distributed.tensor_parallel import MoeExpertsParallel
 from transformers.dynamic_module_utils import get_relative_import_files
 from transformers.integrations import use_experts_implementation
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_experts_forward
@@ -395,22 +397,73 @@ class LLaDAMoEExperts(nn.Module):
                 f"ep_size={size} does not divide num_experts={self.num_experts}: use an ep_size that divides it "
                 f"({[d for d in range(1, self.num_experts + 1) if self.num_experts % d == 0]})."
             )
-        if type(self.gate_up) is not nn.Linear or not (self.gate_up.weight.is_floating_point()):
-            raise ValueError(
-                "expert parallelism (DistributedConfig(ep_size=...)) shards plain bf16/fp16/fp32 experts only; the "
-                f"experts here are {type(self.gate_up).__name__} with {self.gate_up.weight.dtype} weights (quantized?)."
-            )
+        self._check_shardable("expert parallelism (DistributedConfig(ep_size=...))")
         local = self.num_experts // size
-        for linear, rows_per_expert in ((self.gate_up, 2 * self.intermediate_dim), (self.down, self.hidden_dim)):
-            weight = linear.weight
-            linear.weight = nn.Parameter(
-                weight.new_empty(local * rows_per_expert, weight.shape[1]), requires_grad=weight.requires_grad
-            )
-            linear.out_features = local * rows_per_expert
+        self._resize_containers(local * 2 * self.intermediate_dim, local * self.hidden_dim, self.intermediate_dim)
         self.num_experts = local
         self.expert_shard = (rank, size)
         # transformers' grouped_mm / batched_mm skip the off-rank sentinel id when this is set.
         self._is_expert_parallel = True
+
+    def keep_local_slice(self, rank: int, size: int) -> None:
+        """Expert tensor parallelism: keep slice `rank` of `size` of every expert's intermediate dimension, that is
+        its rows of gate and of up (`gate_up` becomes [E*2I/size, H]: expert e's gate slice, then its up slice) and
+        its columns of down (`down` becomes [E*H, I/size]). Every expert runs on every rank and each rank's output is
+        a partial sum (the `llada_moe_tp_experts` style all-reduces it). Called on the meta model before loading: the
+        load-time conversion then keeps the same slices of the per-expert checkpoint tensors."""
+        if size < 1 or self.intermediate_dim % size:
+            raise ValueError(
+                f"tp_size={size} does not divide expert_intermediate_size={self.intermediate_dim}: expert tensor "
+                f"parallelism splits every expert's intermediate dimension evenly; use a tp_size that divides it, or "
+                f"expert parallelism (DistributedConfig(tp_size={size}, ep_size={size})) if it divides num_experts="
+                f"{self.num_experts}."
+            )
+        self._check_shardable("expert tensor parallelism (DistributedConfig(tp_size=...) without ep_size)")
+        local = self.intermediate_dim // size
+        self._resize_containers(self.num_experts * 2 * local, self.num_experts * self.hidden_dim, local)
+        self.intermediate_dim = local
+        self.expert_slice = (rank, size)
+
+    def _check_shardable(self, how: str) -> None:
+        weight = self.gate_up.weight
+        if type(self.gate_up) is not nn.Linear or type(self.down) is not nn.Linear or not weight.is_floating_point():
+            raise ValueError(
+                f"{how} shards plain (bf16/fp16/fp32 nn.Linear) experts only, and these are quantized "
+                f"({type(self.gate_up).__name__}, {weight.dtype} weights): packed quantized rows cannot be cut per "
+                "expert. Load the model without quantization_config, or quantized without distributed_config."
+            )
+        if getattr(self, "expert_shard", None) or getattr(self, "expert_slice", None) or hasattr(weight, "placements"):
+            raise ValueError(
+                f"{how}: the experts are already sharded (by expert parallelism, expert tensor parallelism or FSDP); "
+                "combine at most one of them with the experts (FSDP with tensor parallelism is not supported for the "
+                "experts)."
+            )
+
+    def _resize_containers(self, gate_up_rows: int, down_rows: int, intermediate: int) -> None:
+        """New empty (meta, before loading) weights of the local shapes: `gate_up` [gate_up_rows, H], `down`
+        [down_rows, intermediate]."""
+        for linear, shape in ((self.gate_up, (gate_up_rows, self.hidden_dim)), (self.down, (down_rows, intermediate))):
+            weight = linear.weight
+            linear.weight = nn.Parameter(weight.new_empty(shape), requires_grad=weight.requires_grad)
+            linear.out_features, linear.in_features = shape
+
+    def local_part(self, container: str, stack: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a full checkpoint stack of the `container` ("gate_up" [E, 2I, H] or "down"
+        [E, H, I]) as the container's weight, or the stack flattened when the experts are not sharded. A copy when
+        sharded: a view would keep every expert's storage alive."""
+        if getattr(self, "expert_shard", None):
+            rank, size = self.expert_shard
+            stack = stack.chunk(size)[rank].clone()
+        elif getattr(self, "expert_slice", None):
+            rank, size = self.expert_slice
+            if container == "down":  # [E, H, I]: this rank's columns
+                width = stack.shape[-1] // size
+                stack = stack[..., rank * width : (rank + 1) * width].clone()
+            else:  # [E, 2I, H]: expert e's gate rows [0, I), then its up rows [I, 2I); this rank's slice of each
+                experts, rows, hidden = stack.shape
+                width = rows // 2 // size
+                stack = stack.view(experts, 2, rows // 2, hidden)[:, :, rank * width : (rank + 1) * width].clone()
+        return stack.reshape(-1, stack.shape[-1])
 
     def dense_expert(self, index: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """gate_up [2I, H] and down [H, I] of expert `index`, from the generation's cache when it holds them."""
@@ -486,6 +539,24 @@ def llada_fused_experts_forward(
 
 ALL_EXPERTS_FUNCTIONS.register("grouped_mm_chunked", grouped_mm_chunked_experts_forward)
 ALL_EXPERTS_FUNCTIONS.register("llada_fused", llada_fused_experts_forward)
+
+
+class ExpertSlicesParallel(MoeExpertsParallel):
+    """The `tp_plan` style "llada_moe_tp_experts" (expert tensor parallelism on the flattened containers): each rank
+    keeps its slice of every expert's intermediate dimension (`LLaDAMoEExperts.keep_local_slice`), runs every
+    routed expert on it, and the partial outputs are summed over the TP group (transformers' `moe_tp_experts`
+    all-reduce, with the input gradients summed in backward). The slices stay plain tensors: a DTensor placement of
+    the flattened [E*2I, H] rows could not be read from the per-expert checkpoint keys."""
+
+    def install_forward(self, module: nn.Module, mesh) -> nn.Module:
+        if not isinstance(module, LLaDAMoEExperts):
+            raise ValueError(f"llada_moe_tp_experts shards LLaDAMoEExperts modules, not {type(module).__name__}")
+        module.keep_local_slice(mesh.get_local_rank(), mesh.size())
+        return super().install_forward(module, mesh)
+
+
+if torch.distributed.is_available():
+    ALL_PARALLEL_STYLES.register("llada_moe_tp_experts", ExpertSlicesParallel())
 
 
 def default_experts_implementation() -> str:
@@ -644,6 +715,9 @@ class LLaDAMoEPreTrainedModel(PreTrainedModel):
         - FSDP2 without expert parallelism: each experts module is its own `fully_shard` unit, sharded on the input
           dimension (Shard(1): every expert's rows split alike, which per-expert keys are read into exactly), before
           transformers shards the decoder layers around it.
+
+        Expert tensor parallelism (`tp_size` without `ep_size`) needs nothing here: the plan's `llada_moe_tp_experts`
+        style (`ExpertSlicesParallel`) cuts the containers when transformers applies the TP plan.
         """
         if mesh_manager is None:
             return super().maybe_distribute_model(model, distributed_config, mesh_manager)
@@ -703,6 +777,12 @@ class LLaDAMoEPreTrainedModel(PreTrainedModel):
                 "this model was loaded with expert parallelism (DistributedConfig(ep_size=...)): each rank holds part "
                 "of the experts, so save_pretrained cannot write the checkpoint; save from a model loaded without "
                 "ep_size."
+            )
+        if any(getattr(module, "expert_slice", None) for module in self.modules()):
+            raise ValueError(
+                "this model was loaded with expert tensor parallelism (DistributedConfig(tp_size=...)): each rank "
+                "holds a slice of every expert, so save_pretrained cannot write the checkpoint; save from a model "
+                "loaded without tp_size."
             )
         if getattr(self, "hf_quantizer", None) is not None:
             # Packed 4-bit bytes and int8 rows cannot be cut back into per-expert tensors: a quantized model is saved

@@ -39,6 +39,8 @@ from modeling_llada_moe.forward_process import (
     masked_token_nll,
 )
 
+from .sharded_checkpoints import ShardedCheckpoints
+
 
 NORMALIZATIONS = ("answer_length", "supervised_tokens", "batch", "all_tokens")
 # A Ling-style (LLaDA-MoE Instruct) chat template with {% generation %} markers, so TRL's assistant_only_loss can
@@ -242,7 +244,7 @@ def _renders_like_training_template(tokenizer) -> bool:
     return True
 
 
-class DiffusionSFTTrainer(SFTTrainer):
+class DiffusionSFTTrainer(ShardedCheckpoints, SFTTrainer):
     """`SFTTrainer` with the LLaDA masked-diffusion objective. Logs `diffusion/masked_accuracy`, `diffusion/nll`,
     `diffusion/mask_ratio`, `aux/load_balance` and `aux/z_loss` besides TRL's metrics, gathered over processes.
 
@@ -256,6 +258,10 @@ class DiffusionSFTTrainer(SFTTrainer):
     denominator, `num_items_in_batch`, counts the whole step), the EOS tails of the accumulated micro-batches are
     padded to a common width, and masks are drawn per row position in the step, so k micro-batches of b rows give the
     update of one batch of k x b rows (MoE router losses are per micro-batch means averaged over the step).
+
+    A model sharded with FSDP2 at load time (`DistributedConfig(fsdp_size=N)`) gets sharded step checkpoints (model and
+    optimizer through torch.distributed.checkpoint) that `train(resume_from_checkpoint=...)` resumes
+    (`trl_ext.sharded_checkpoints`).
     """
 
     loss_is_scaled_for_ga = True  # compute_loss divides by the whole step's `num_items_in_batch`

@@ -44,6 +44,8 @@ from modeling_llada_moe.forward_process import (
     uniform_mask_counts,
 )
 
+from .sharded_checkpoints import ShardedCheckpoints
+
 
 ELBO_FORMS = ("count", "time")
 # Per-example random streams: the policy's masks (shared by the reference when antithetic) and, for independent
@@ -365,7 +367,7 @@ def forward_runs_another_module(model) -> bool:
     return False
 
 
-class VRPOTrainer(DPOTrainer):
+class VRPOTrainer(ShardedCheckpoints, DPOTrainer):
     """`DPOTrainer` running DPO on Monte-Carlo ELBO estimates, with VRPO's variance reductions.
 
     Logs DPO's `rewards/{chosen,rejected,accuracies,margins}` and `logps/{chosen,rejected}` (the policy ELBOs), plus
@@ -377,6 +379,10 @@ class VRPOTrainer(DPOTrainer):
     step (`num_items_in_batch`, all processes with `average_tokens_across_devices`), and masks depend on the example
     only, so k micro-batches give the update of one batch of the same pairs, also when the last one is shorter (MoE
     router losses are per micro-batch means averaged over the step).
+
+    A policy sharded with FSDP2 at load time (`DistributedConfig(fsdp_size=N)`) gets sharded step checkpoints (model
+    and optimizer through torch.distributed.checkpoint) that `train(resume_from_checkpoint=...)` resumes
+    (`trl_ext.sharded_checkpoints`); the frozen reference is not checkpointed.
     """
 
     loss_is_scaled_for_ga = True  # compute_loss divides by the whole step's pairs (`num_items_in_batch`)

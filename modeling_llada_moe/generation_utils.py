@@ -36,8 +36,8 @@ from typing import Any
 
 import torch
 from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
-from transformers.generation.configuration_utils import CompileConfig
 from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.generation.configuration_utils import CompileConfig
 from transformers.generation.logits_process import SuppressTokensLogitsProcessor
 from transformers.utils import GENERATION_CONFIG_NAME, ModelOutput
 

@@ -230,7 +230,9 @@ class DiffusionGenerationConfig(GenerationConfig):
             cont_weight_growth * n, cont_weight)`. The predictions are those of the last forward that computed the
             position: with a cache, a refresh computes the rest of the canvas, a cached step its window (the block
             and its vicinity; prefix cache: the block and the suffix). `None` = off (dInfer: 0.3). Memory: one
-            [rows, canvas, hidden] tensor; cost: a [window, vocab] x [vocab, hidden] product per forward.
+            [rows, canvas, hidden] tensor, and the forward's logits over that window rather than the block (a
+            refresh: [rows, rest of the canvas, vocab]); cost: a [window, vocab] x [vocab, hidden] product per
+            forward.
         cont_weight_init (`float`, defaults to 0.15), cont_weight_growth (`float`, defaults to 0.02): the smoothing
             weight's start and growth per forward, both >= 0 (dInfer's defaults).
         threshold_decay (`float`, *optional*): with `threshold`, the threshold of the `n`-th forward of the

@@ -154,6 +154,16 @@ class Row:
     ids: list[int] = field(default_factory=list)
     stop_cut: int | None = None  # generated length kept when a stop string ended the row
     sent: str = ""  # streamed text so far
+    # Greedy choices of one request with the same prompt: decoded once (this row), the copies get its tokens.
+    copies: list[Row] = field(default_factory=list)
+
+    def receive(self, tokens: list[int]) -> None:
+        for row in (self, *self.copies):
+            row.ids.extend(tokens)
+
+    def stopped(self, cut: int) -> None:
+        for row in (self, *self.copies):
+            row.stop_cut = cut
 
     def answer(self, job: Job) -> tuple[str, list[int], bool]:
         """(text, answer ids, ended): the ids up to the first end-of-turn id or the stop-string cut, their text
@@ -246,8 +256,28 @@ class RowStops(StoppingCriteria):
         if not stop and job.stops:
             text = job.decode(input_ids[0, self.width :].tolist())
             if any(s in text for s in job.stops):
-                row.stop_cut, stop = input_ids.shape[1] - self.width, True
+                row.stopped(input_ids.shape[1] - self.width)
+                stop = True
         return torch.tensor([stop], device=input_ids.device)
+
+
+def decoded_rows(job: Job) -> list[Row]:
+    """The rows of `job` the model decodes. Greedy decoding draws nothing and a row decodes alike in any batch, so
+    the `n` choices of one prompt are the same: the first is decoded, the others are its copies (given its tokens
+    and its stop). Sampled rows are all decoded."""
+    config = job.config
+    greedy = config.temperature == 0 and config.remasking != "random"
+    first: dict[tuple[int, ...], Row] = {}
+    decoded = []
+    for row in job.rows:
+        row.copies = []
+        original = first.get(tuple(row.prompt)) if greedy else None
+        if original is None:
+            first[tuple(row.prompt)] = row
+            decoded.append(row)
+        else:
+            original.copies.append(row)
+    return decoded
 
 
 def tag_ids(number: int, columns: int, base: int, mask_id: int) -> list[int]:
@@ -273,7 +303,7 @@ class BlockStreamer(BaseStreamer):
             return
         for (job, row), tokens in zip(self.rows, value.tolist()):
             if not job.finished and not job.cancelled:
-                row.ids.extend(tokens)
+                row.receive(tokens)
         for job in self.jobs:
             if job.finished or job.cancelled:
                 continue
@@ -393,7 +423,7 @@ class Scheduler:
                 self.run(batch)
 
     def run(self, jobs: list[Job]) -> None:
-        rows = [(job, row) for job in jobs for row in job.rows]
+        rows = [(job, row) for job in jobs for row in decoded_rows(job)]
         started = time.monotonic()
         for job in jobs:
             self.metrics.queue_seconds.observe(started - job.arrived)

@@ -229,6 +229,26 @@ def test_completions_with_prompt_lists_and_n(served):
     assert "".join(chunk.choices[0].text for chunk in streamed) == response.choices[0].text
 
 
+def test_greedy_choices_of_one_prompt_are_decoded_once(served):
+    client = served.client()
+    prompts = ["t5 t6 t7", "t1 t2"]
+    expected = [direct_answer(served.model, served.tokenizer, prompt=prompt) for prompt in prompts]
+    words = expected[0].split()
+    stop = " ".join(words[1:3]) if len(words) >= 3 else "never there"  # a stop the first answer reaches
+    rows_before = served.metric("llada_moe_batch_rows_sum")
+    response = client.completions.create(model=MODEL, prompt=prompts, n=3, stop=[stop])
+    # one decoded row per prompt, every choice the greedy answer (its stop included)
+    assert served.metric("llada_moe_batch_rows_sum") - rows_before == 2
+    for choice in response.choices:
+        answer = expected[choice.index // 3]
+        assert choice.text == (answer[: answer.index(stop)] if stop in answer else answer)
+    assert len({(choice.text, choice.finish_reason) for choice in response.choices[:3]}) == 1
+    # sampled choices are all decoded
+    rows_before = served.metric("llada_moe_batch_rows_sum")
+    client.completions.create(model=MODEL, prompt="t5 t6 t7", n=3, temperature=1.0, seed=3)
+    assert served.metric("llada_moe_batch_rows_sum") - rows_before == 3
+
+
 def test_stop_strings_are_cut_from_the_text(served):
     client = served.client()
     for digits in ("t1 t2 t3 t4", "t7 t8", "t3 t3 t3", "t10 t4 t6 t2 t5"):

@@ -33,3 +33,14 @@ def test_gpu_suite_sections_run_in_smoke_mode():
     memory = table_rows(run("-m", "benchmarks.gpu_suite", "--smoke", "--section", "nf4-memory"))
     weights = memory["NF4 weights + quantization state (memory_report)"][0]
     assert float(weights) > 0 and weights == memory["estimate_memory(config, 4)"][0]
+
+
+def test_serve_benchmark_prints_its_table():
+    # two real `llada-moe serve` processes on a saved tiny model, driven over HTTP
+    out = run("-m", "benchmarks.serve", "--concurrency", "1", "2", "--requests", "4", "--repeats", "1",
+              "--max-tokens", "8", "--block-length", "8")
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| 1 ") or line.startswith("| 2 ")]
+    assert [(row[0].strip(), row[1].strip()) for row in rows] == [
+        ("1", "unbatched (max 1)"), ("1", "batched (max 16)"), ("2", "unbatched (max 1)"), ("2", "batched (max 16)")
+    ]
+    assert all(float(row[2]) > 0 for row in rows) and "8 concurrent requests" in out

@@ -1157,6 +1157,7 @@ class DiffusionGenerationMixin:
             "smooth": None,
             "forward": self.__call__,
             "static_rows": False,  # compiled: finished rows stay in the batch, so shapes stay static per block
+            "cudagraphs": False,  # compiled with CUDA graphs: mark each step and copy the logits out of the graph
         }
         if config.compile_config is not None and not config.disable_compile:
             if (
@@ -1323,7 +1324,7 @@ class DiffusionGenerationMixin:
 
         def run(lo, hi, **kwargs):  # the model on the canvas columns [lo, hi)
             forward = state["forward"]
-            if state.get("cudagraphs"):  # the previous replay's outputs are read already: let the next overwrite
+            if state["cudagraphs"]:  # the previous replay's outputs are read already: let the next overwrite
                 torch.compiler.cudagraph_mark_step_begin()
             if smooth is None:
                 logits = forward(inputs[:, lo:hi], attention_mask=attention, **kwargs).logits
@@ -1333,7 +1334,7 @@ class DiffusionGenerationMixin:
                 embeds = self.get_input_embeddings()(ids)
                 embeds = embeds + torch.where((ids == mask_id)[..., None], extra.to(embeds.dtype), 0)
                 logits = forward(inputs_embeds=embeds, attention_mask=attention, **kwargs).logits
-            return logits.clone() if state.get("cudagraphs") else logits
+            return logits.clone() if state["cudagraphs"] else logits
 
         if cache is None:
             logits, window = run(0, total), (0, total)

@@ -156,24 +156,29 @@ def local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
-def sft_args(out: Path, **overrides) -> DiffusionSFTConfig:
-    settings = dict(
+def training_settings(out: Path) -> dict:
+    """The settings both trainers' runs share: the same global batch of ROWS_PER_STEP rows per step (one process
+    accumulates two halves), 4 steps, a step checkpoint every 2 (under FSDP2 sharded model and optimizer:
+    trl_ext.sharded_checkpoints)."""
+    return dict(
         output_dir=str(out),
         per_device_train_batch_size=ROWS_PER_STEP // world_size() // (2 if world_size() == 1 else 1),
         gradient_accumulation_steps=2 if world_size() == 1 else 1,
         max_steps=4,
         learning_rate=1e-2,
-        # The load-balancing loss is a product of batch means: each rank's differs from the global batch's.
-        load_balance_coef=0.0,
         report_to="none",
         use_cpu=True,
         logging_steps=1,
-        # Sharded (DCP) model and optimizer under FSDP2: trl_ext.sharded_checkpoints.
         save_strategy="steps",
         save_steps=2,
         dataloader_num_workers=0,
         disable_tqdm=True,
     )
+
+
+def sft_args(out: Path, **overrides) -> DiffusionSFTConfig:
+    # The load-balancing loss is a product of batch means: each rank's differs from the global batch's.
+    settings = dict(training_settings(out), load_balance_coef=0.0)
     return DiffusionSFTConfig(**{**settings, **overrides})
 
 
@@ -214,23 +219,8 @@ def preference_data() -> Dataset:
 
 
 def vrpo_trainer(folder: str, out: Path) -> VRPOTrainer:
-    args = VRPOConfig(
-        output_dir=str(out),
-        per_device_train_batch_size=ROWS_PER_STEP // world_size() // (2 if world_size() == 1 else 1),
-        gradient_accumulation_steps=2 if world_size() == 1 else 1,
-        max_steps=4,  # 2 epochs of 8 pairs: the second draws new masks
-        num_mc_samples=2,
-        beta=0.5,
-        learning_rate=1e-2,
-        report_to="none",
-        use_cpu=True,
-        logging_steps=1,
-        save_strategy="steps",
-        save_steps=2,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        gradient_checkpointing=False,
-    )
+    # 4 steps = 2 epochs of 8 pairs: the second draws new masks
+    args = VRPOConfig(**training_settings(out), num_mc_samples=2, beta=0.5, gradient_checkpointing=False)
     return VRPOTrainer(
         model=fsdp(folder),
         ref_model=fsdp(folder),

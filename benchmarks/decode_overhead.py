@@ -23,8 +23,8 @@ import time
 
 import torch
 
-from benchmarks.tiny_task import tiny_model
 from modeling_llada_moe import LLaDAMoEConfig, LLaDAMoEForMaskedLM
+from modeling_llada_moe.apps.tiny_task import tiny_model
 
 
 class ForwardTimer:

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.generation import timed  # median seconds of a call after a warm-up, CUDA-synchronised
+from modeling_llada_moe.apps.timing import timed  # median seconds of a call after a warm-up, CUDA-synchronised
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,8 +50,8 @@ def peak_bytes_per_second(device: torch.device) -> float | None:
 
 
 def build_model(smoke: bool, device: torch.device):
-    from benchmarks.tiny_task import tiny_config
     from modeling_llada_moe import LLaDAMoEConfig, LLaDAMoEForMaskedLM
+    from modeling_llada_moe.apps.tiny_task import tiny_config
 
     torch.manual_seed(0)
     config = tiny_config() if smoke else LLaDAMoEConfig()

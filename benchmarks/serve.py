@@ -26,7 +26,7 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.tiny_task import save_tiny_folder
+from modeling_llada_moe.apps.tiny_task import save_tiny_folder
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +41,7 @@ def free_port() -> int:
 def start_server(folder: Path, max_batch_size: int, args) -> tuple[subprocess.Popen, str]:
     port = free_port()
     command = [
-        sys.executable, "-m", "modeling_llada_moe.cli", "serve", str(folder), "--port", str(port),
+        sys.executable, "-m", "modeling_llada_moe.apps.cli", "serve", str(folder), "--port", str(port),
         "--served-model-name", "tiny", "--max-batch-size", str(max_batch_size), "--batch-window-ms",
         str(args.batch_window_ms), "--max-new-tokens", str(args.max_tokens), "--block-length", str(args.block_length),
         "--max-queue", "1024", "--log-level", "warning",

@@ -27,32 +27,28 @@ import argparse
 import html
 import os
 import queue
-import sys
 import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
 
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no telemetry or version check from a local demo
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's benchmarks/ (tiny model)
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # denoise_viz, beside this file
 
-import gradio as gr  # noqa: E402
-from denoise_viz import COMMITTED, MASKED, NEW, STOPPED, Cell, canvas_cells, step_colour, text_colour  # noqa: E402
-from transformers.generation.streamers import BaseStreamer  # noqa: E402
+import gradio as gr  # noqa: E402 (after the analytics switch)
+from denoise_viz import COMMITTED, MASKED, NEW, STOPPED, Cell, canvas_cells, step_colour, text_colour
+from transformers.generation.streamers import BaseStreamer
 
-from modeling_llada_moe.generation_utils import DECODING_PRESETS, REMASKING_STRATEGIES, decoding_preset  # noqa: E402
-from modeling_llada_moe.inference import (  # noqa: E402
+from modeling_llada_moe.apps.inference import (
     decode_completion,
     encode_prompt,
     end_of_turn_ids,
     load_model_and_tokenizer,
 )
+from modeling_llada_moe.generation_utils import DECODING_PRESETS, REMASKING_STRATEGIES, decoding_preset
 
 
 CACHE_CHOICES = ["none", "prefix", "dual"]
@@ -462,7 +458,7 @@ def main(argv: list[str] | None = None) -> None:
         demo.queue().launch(server_name=args.host, server_port=args.port, share=args.share)
         return
     if args.tiny:
-        from benchmarks.tiny_task import save_tiny_folder
+        from modeling_llada_moe.apps.tiny_task import save_tiny_folder
 
         source, new_tokens, block = save_tiny_folder(tempfile.mkdtemp(prefix="llada_moe_tiny_")), 32, 8
     else:

@@ -13,15 +13,11 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-from pathlib import Path
 
 from transformers import TextStreamer
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's benchmarks/ (the tiny model for --tiny)
-
-from benchmarks.tiny_task import save_tiny_folder  # noqa: E402
-from modeling_llada_moe.inference import END_OF_TURN, decode_completion, encode_prompt, load_model_and_tokenizer  # noqa: E402
+from modeling_llada_moe.apps.inference import END_OF_TURN, decode_completion, encode_prompt, load_model_and_tokenizer
+from modeling_llada_moe.apps.tiny_task import save_tiny_folder
 
 
 def main() -> None:

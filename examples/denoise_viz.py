@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,10 +24,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's benchmarks/ (tiny model)
-
-from modeling_llada_moe.generation_utils import (  # noqa: E402
+from modeling_llada_moe.generation_utils import (
     REMASKING_STRATEGIES,
     DiffusionGenerateOutput,
     split_blocks,
@@ -330,10 +326,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.columns < 1:
         parser.error(f"--columns {args.columns}: expected a positive integer")
 
-    from modeling_llada_moe.inference import decode_completion, encode_prompt, load_model_and_tokenizer
+    from modeling_llada_moe.apps.inference import decode_completion, encode_prompt, load_model_and_tokenizer
 
     if args.tiny:
-        from benchmarks.tiny_task import save_tiny_folder
+        from modeling_llada_moe.apps.tiny_task import save_tiny_folder
 
         source = save_tiny_folder(tempfile.mkdtemp(prefix="llada_moe_tiny_"))
         prompt, new_tokens, block = args.prompt or "t1 t2 t3 t4", args.max_new_tokens or 32, args.block_length or 8

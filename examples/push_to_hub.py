@@ -12,16 +12,12 @@ also checks that the folder reloads.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's benchmarks/ (the tiny model for --tiny)
-
-from benchmarks.tiny_task import save_tiny_folder  # noqa: E402
-from modeling_llada_moe.hub import hub_token, login_help, push_folder  # noqa: E402
-from modeling_llada_moe.inference import load_model_and_tokenizer  # noqa: E402
+from modeling_llada_moe.apps.hub import hub_token, login_help, push_folder
+from modeling_llada_moe.apps.inference import load_model_and_tokenizer
+from modeling_llada_moe.apps.tiny_task import save_tiny_folder
 
 
 def main() -> None:

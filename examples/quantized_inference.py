@@ -12,18 +12,13 @@ threshold parallel decoding and the dual cache.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
-from pathlib import Path
 
 import torch
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's benchmarks/ (tiny model)
-
-from benchmarks.tiny_task import tiny_model  # noqa: E402
-from modeling_llada_moe import LLaDAMoEConfig  # noqa: E402
-from quantization import estimate_memory, load_quantized, memory_report  # noqa: E402
+from modeling_llada_moe import LLaDAMoEConfig
+from modeling_llada_moe.apps.tiny_task import tiny_model
+from quantization import estimate_memory, load_quantized, memory_report
 
 
 # Run-time memory on top of the weights for a 7B decode on a GPU (estimates): CUDA context, one group of 8 dequantized

@@ -16,7 +16,6 @@ answers, decoded both ways. `--out` then also saves it as a Hub folder and reloa
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,11 +23,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's benchmarks/ (synthetic task)
-
-from benchmarks.tiny_task import reversal_examples, tiny_model, tiny_tokenizer  # noqa: E402
-from modeling_llada_moe.inference import decode_completion, encode_prompt, load_model_and_tokenizer  # noqa: E402
+from modeling_llada_moe.apps.inference import decode_completion, encode_prompt, load_model_and_tokenizer
+from modeling_llada_moe.apps.tiny_task import reversal_examples, tiny_model, tiny_tokenizer
 
 
 # Known-answer questions for a real checkpoint: (question, text the answer must contain).

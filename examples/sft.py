@@ -20,21 +20,16 @@ token, not offline, a valid `--hub_model_id`). Flags that cannot apply are refus
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from datasets import Dataset
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's benchmarks/ (synthetic task)
-
-from benchmarks.tiny_task import reversal_examples, tiny_model, tiny_tokenizer  # noqa: E402
-from quantization import qlora_target_modules  # noqa: E402
-from trl_ext import DiffusionSFTConfig, DiffusionSFTTrainer  # noqa: E402
-from trl_ext.scripts import (  # noqa: E402
+from modeling_llada_moe.apps.tiny_task import reversal_examples, tiny_model, tiny_tokenizer
+from quantization import qlora_target_modules
+from trl_ext import DiffusionSFTConfig, DiffusionSFTTrainer
+from trl_ext.scripts import (
     check_push_to_hub,
     check_tiny_demo_flags,
     load_script_dataset,

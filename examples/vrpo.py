@@ -20,7 +20,6 @@ is done (checked before training). Flags that cannot apply are refused (exit sta
 from __future__ import annotations
 
 import random
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,14 +27,11 @@ import torch
 from datasets import Dataset
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's benchmarks/ (synthetic task)
-
-from benchmarks.tiny_task import tiny_model, tiny_tokenizer  # noqa: E402
-from modeling_llada_moe import LLaDAMoEForMaskedLM  # noqa: E402
-from quantization import qlora_target_modules  # noqa: E402
-from trl_ext import DiffusionSFTConfig, DiffusionSFTTrainer, VRPOConfig, VRPOTrainer  # noqa: E402
-from trl_ext.scripts import (  # noqa: E402
+from modeling_llada_moe import LLaDAMoEForMaskedLM
+from modeling_llada_moe.apps.tiny_task import tiny_model, tiny_tokenizer
+from quantization import qlora_target_modules
+from trl_ext import DiffusionSFTConfig, DiffusionSFTTrainer, VRPOConfig, VRPOTrainer
+from trl_ext.scripts import (
     check_push_to_hub,
     check_tiny_demo_flags,
     load_script_dataset,

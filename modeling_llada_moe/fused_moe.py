@@ -38,6 +38,7 @@ from torch import nn
 from transformers.utils import logging
 
 from .bnb_layout import is_cpu_packed
+from .moe_backends import grouped_mm_chunked_experts_forward
 
 
 try:
@@ -647,10 +648,7 @@ def _is_silu(act_fn: nn.Module) -> bool:
 
 
 def _fallback(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
-    # The modeling file's grouped_mm that dequantizes quantized experts a group at a time (plain weights: exactly
-    # transformers' grouped_mm). Imported here: the modeling file imports this module lazily.
-    from .modeling_llada_moe import grouped_mm_chunked_experts_forward
-
+    # grouped_mm that dequantizes quantized experts one at a time (plain weights: exactly transformers' grouped_mm).
     return grouped_mm_chunked_experts_forward(self, hidden_states, top_k_index, top_k_weights)
 
 

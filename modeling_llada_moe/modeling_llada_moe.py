@@ -27,7 +27,7 @@ from transformers.distributed.parallel_utils import ALL_PARALLEL_STYLES
 from transformers.distributed.tensor_parallel import MoeExpertsParallel
 from transformers.dynamic_module_utils import get_relative_import_files
 from transformers.integrations import use_experts_implementation
-from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_experts_forward
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeModelOutputWithPast
@@ -58,6 +58,7 @@ from .checkpoint_conversion import register_expert_conversion
 from .configuration_llada_moe import LLaDAMoEConfig
 from .expert_cache import ExpertWeightCache, cached_expert_weights, check_budget
 from .generation_utils import DiffusionGenerationMixin
+from .moe_backends import grouped_mm_chunked_experts_forward
 
 
 logger = logging.get_logger(__name__)
@@ -291,7 +292,7 @@ def dequantize_rows(linear: nn.Module, start: int, end: int, dtype: torch.dtype)
         raise ValueError(
             "a PEFT adapter wraps an expert container (mlp.experts.gate_up / mlp.experts.down); the experts read "
             "the container weights directly and would skip it. Target the experts module instead "
-            "(modeling_llada_moe.peft_experts.experts_lora_config: per-expert adapters), or the attention projections "
+            "(trl_ext.peft_experts.experts_lora_config: per-expert adapters), or the attention projections "
             "(quantization.qlora_target_modules)."
         )
     weight = linear.weight
@@ -343,7 +344,7 @@ class LLaDAMoEExperts(nn.Module):
         self.dense_cache: ExpertWeightCache | None = None  # set while a generation runs (expert_cache)
         self.register_load_state_dict_pre_hook(merge_per_expert_keys)
 
-    # Set by a PEFT adapter on the experts (`modeling_llada_moe.peft_experts`) while it is active: called as
+    # Set by a PEFT adapter on the experts (`trl_ext.peft_experts`) while it is active: called as
     # `weight_delta(name, first, last)` with name "gate_up" / "down", it returns the additive update of experts
     # [first, last) ([c, 2I, H] / [c, H, I]). Every read of the expert weights below adds it, so each experts backend
     # and the quantized path apply the adapter.
@@ -498,27 +499,6 @@ class LLaDAMoEExperts(nn.Module):
             current_hidden_states = current_hidden_states * top_k_weights[token_idx, top_k_pos, None]
             final_hidden_states.index_add_(0, token_idx, current_hidden_states.to(final_hidden_states.dtype))
         return final_hidden_states
-
-
-def grouped_mm_chunked_experts_forward(
-    self: LLaDAMoEExperts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
-) -> torch.Tensor:
-    """Quantized experts: one expert at a time, only the experts tokens route to, each dequantized when it runs or
-    taken from the generation's `expert_cache` (used in place: no copy into a stack). Plain weights: transformers'
-    `grouped_mm` over the views."""
-    if not self.is_quantized:
-        return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
-    output = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
-    # Under expert parallelism a route to another rank's expert arrives as id `num_experts`: never computed here.
-    for index in torch.unique(top_k_index).tolist():
-        if index >= self.num_experts:
-            continue
-        token, slot = (top_k_index == index).nonzero(as_tuple=True)
-        gate_up, down = self.dense_expert(index, hidden_states.dtype)
-        gate, up = F.linear(hidden_states[token], gate_up).chunk(2, dim=-1)
-        routed = F.linear(self.act_fn(gate) * up, down) * top_k_weights[token, slot, None]
-        output.index_add_(0, token, routed.float())
-    return output.to(hidden_states.dtype)
 
 
 def llada_fused_experts_forward(

@@ -15,19 +15,18 @@ import json
 import math
 import random
 import signal
-import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
 
+from modeling_llada_moe.apps import cli
+from modeling_llada_moe.apps.tiny_task import save_tiny_folder
+from trl_ext.sft import DiffusionSFTConfig
+from trl_ext.vrpo import VRPOConfig
+
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from benchmarks.tiny_task import save_tiny_folder  # noqa: E402
-from modeling_llada_moe import cli  # noqa: E402
-from trl_ext.sft import DiffusionSFTConfig  # noqa: E402
-from trl_ext.vrpo import VRPOConfig  # noqa: E402
 
 
 NUMBERS = ["0", "1", "2", "4", "0.5", "0.9", "1.5", "-1", "inf", "-inf", "nan", "1e9", "300", "x", "", "1e-300"]

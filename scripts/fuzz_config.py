@@ -10,6 +10,7 @@ error that names no field, a hang past the timeout, or a built config that break
 """
 
 import argparse
+import importlib.util
 import json
 import math
 import random
@@ -22,15 +23,21 @@ from pathlib import Path
 
 import torch
 
+from modeling_llada_moe import LLaDAMoEConfig, LLaDAMoEForMaskedLM
+from modeling_llada_moe.apps.tiny_task import TINY_CONFIG
+
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
-from official_reference import official_config_dict  # noqa: E402
 
-from benchmarks.tiny_task import TINY_CONFIG  # noqa: E402
-from modeling_llada_moe import LLaDAMoEConfig, LLaDAMoEForMaskedLM  # noqa: E402
+def official_config_dict(**overrides) -> dict:
+    """The official-layout config dict of the tests' reference module (tests/official_reference.py)."""
+    spec = importlib.util.spec_from_file_location("official_reference", ROOT / "tests" / "official_reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.official_config_dict(**overrides)
+
+
 
 
 FIELDS = [

@@ -16,13 +16,10 @@ import random
 import signal
 import sys
 import traceback
-from pathlib import Path
 
 import torch
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.tiny_task import MASK_ID, PAD_ID, tiny_model  # noqa: E402
+from modeling_llada_moe.apps.tiny_task import MASK_ID, PAD_ID, tiny_model
 
 
 VOCAB = 128

@@ -29,18 +29,18 @@ from pathlib import Path
 import aiohttp
 import torch
 
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # the repo's benchmarks/ (tiny model)
-
-from benchmarks.tiny_task import (  # noqa: E402
+from modeling_llada_moe.apps.inference import END_OF_TURN, encode_prompt
+from modeling_llada_moe.apps.tiny_task import (
     LING_CHAT_TEMPLATE,
     save_tiny_folder,
     tiny_model,
     tiny_tokenizer,
     train_to_answer,
 )
-from modeling_llada_moe.inference import END_OF_TURN, encode_prompt  # noqa: E402
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
 
 
 DIGITS, CANVAS, BLOCK = 5, 16, 8

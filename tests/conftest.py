@@ -1,5 +1,6 @@
 """Shared fixtures: tiny LLaDA-MoE configs and models (hidden 64, 2 layers, 8 experts, top-2), built locally."""
 
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -8,6 +9,8 @@ import pytest
 import torch
 
 from modeling_llada_moe import LLaDAMoEForMaskedLM
+from modeling_llada_moe.apps.tiny_task import TINY_CONFIG as TINY  # noqa: F401 (shared by the test modules)
+from modeling_llada_moe.apps.tiny_task import tiny_config, tiny_model, tiny_tokenizer  # noqa: F401
 
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
@@ -18,9 +21,17 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # `benchmarks.tiny_task`: the trained tiny model tests and benchmarks share
-from benchmarks.tiny_task import TINY_CONFIG as TINY  # noqa: E402, F401 (shared by the test modules)
-from benchmarks.tiny_task import tiny_config, tiny_model, tiny_tokenizer  # noqa: E402, F401
+
+
+def load_example(name: str):
+    """`examples/<name>.py` as a module (examples/ is not a package), registered under its own name so that a
+    sibling it imports (app.py imports denoise_viz) resolves as it does when the script runs."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
 # A small random checkpoint in the official layout and what the official code produced from it (recorded data,
@@ -55,7 +66,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def reversal_model() -> LLaDAMoEForMaskedLM:
     """A tiny model trained for ~20 s on digit reversal: confident, context-dependent predictions."""
-    from benchmarks.tiny_task import train_reversal_model
+    from modeling_llada_moe.apps.tiny_task import train_reversal_model
 
     return train_reversal_model()
 

@@ -24,11 +24,9 @@ from datasets import Dataset
 from transformers import BitsAndBytesConfig, TrainerCallback
 from transformers.distributed import DistributedConfig
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.tiny_task import reversal_examples, tiny_tokenizer  # noqa: E402
-from modeling_llada_moe import LLaDAMoEForMaskedLM  # noqa: E402
-from trl_ext import DiffusionSFTConfig, DiffusionSFTTrainer, VRPOConfig, VRPOTrainer  # noqa: E402
+from modeling_llada_moe import LLaDAMoEForMaskedLM
+from modeling_llada_moe.apps.tiny_task import reversal_examples, tiny_tokenizer
+from trl_ext import DiffusionSFTConfig, DiffusionSFTTrainer, VRPOConfig, VRPOTrainer
 
 
 ATTENTION_PROJECTIONS = ("q_proj.", "k_proj.", "v_proj.", "o_proj.")  # split by heads (the q/k norms replicate)

@@ -1,6 +1,5 @@
 """The Gradio chat demo (examples/app.py), served on localhost and driven through gradio_client like a user would."""
 
-import importlib.util
 import os
 import re
 import socket
@@ -9,21 +8,19 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, load_example
 
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported: no telemetry, no version check
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from benchmarks.tiny_task import LING_CHAT_TEMPLATE, tiny_model, tiny_tokenizer  # noqa: E402
-from modeling_llada_moe.inference import decode_completion, encode_prompt  # noqa: E402
+from modeling_llada_moe.apps.inference import decode_completion, encode_prompt  # noqa: E402
+from modeling_llada_moe.apps.tiny_task import LING_CHAT_TEMPLATE, tiny_model, tiny_tokenizer  # noqa: E402
 
 
 def load_app():
-    spec = importlib.util.spec_from_file_location("llada_moe_app", ROOT / "examples" / "app.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    load_example("denoise_viz")  # app.py imports it from beside itself
+    return load_example("app")
 
 
 SETTINGS = dict(max_new_tokens=16, block_length=8)

@@ -18,9 +18,9 @@ from conftest import ROOT
 from official_reference import official_config_dict, official_state_dict, write_official_checkpoint
 from transformers import AutoTokenizer
 
-from benchmarks.tiny_task import LING_CHAT_TEMPLATE, save_tiny_folder, tiny_tokenizer
 from modeling_llada_moe import LLaDAMoEForMaskedLM, cli
-from modeling_llada_moe.inference import decode_completion, encode_prompt, load_model_and_tokenizer
+from modeling_llada_moe.apps.inference import decode_completion, encode_prompt, load_model_and_tokenizer
+from modeling_llada_moe.apps.tiny_task import LING_CHAT_TEMPLATE, save_tiny_folder, tiny_tokenizer
 
 
 END = "<|role_end|>"
@@ -69,7 +69,7 @@ def expected_answer(model, tokenizer, input_ids, **decoding) -> tuple[str, int]:
 def script_command() -> list[str]:
     """The installed console script, or the module when the package was installed without scripts."""
     script = Path(sys.executable).with_name("llada-moe")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "modeling_llada_moe.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "modeling_llada_moe.apps.cli"]
 
 
 def run_script(*argv, tmp_path) -> subprocess.CompletedProcess:

@@ -423,7 +423,7 @@ def test_every_strategy_terminates_and_never_commits_the_mask_token(tied, kwargs
 
 
 def test_cli_preset_flag_applies_the_preset_under_explicit_flags(capsys):
-    from modeling_llada_moe.cli import build_parser, decoding_kwargs
+    from modeling_llada_moe.apps.cli import build_parser, decoding_kwargs
 
     parser = build_parser()
     args = parser.parse_args(["generate", "--model", "m", "--preset", "dinfer", "--threshold", "0.8", "hi"])
@@ -441,8 +441,8 @@ def test_cli_preset_flag_applies_the_preset_under_explicit_flags(capsys):
 
 def test_lm_eval_model_takes_a_preset():
     pytest.importorskip("lm_eval")
-    from benchmarks.tiny_task import tiny_tokenizer
-    from modeling_llada_moe.evaluation import LLaDAMoELM
+    from modeling_llada_moe.apps.evaluation import LLaDAMoELM
+    from modeling_llada_moe.apps.tiny_task import tiny_tokenizer
 
     model = tiny_model()
     model.generation_config.threshold = 0.5  # a preset replaces the model's strategy settings
@@ -512,7 +512,7 @@ def test_a_row_whose_block_is_final_leaves_the_forwards(kwargs):
 
 
 def test_addition_task_writes_the_sum_with_its_carries():
-    from benchmarks.tiny_task import addition_batch, addition_examples, addition_text
+    from modeling_llada_moe.apps.tiny_task import addition_batch, addition_examples, addition_text
 
     # digits d are tokens t(d+1); addends padded to 4 digits, the sum to 5
     assert addition_text(9999, 1) == ("t10 t10 t10 t10 t101 t1 t1 t1 t2 t100", " t2 t1 t1 t1 t1")

@@ -6,14 +6,13 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, tiny_tokenizer
+from conftest import ROOT, load_example, tiny_tokenizer
 from PIL import Image
 
 from modeling_llada_moe.generation_utils import DiffusionGenerateOutput
 
 
-sys.path.insert(0, str(ROOT / "examples"))
-import denoise_viz as viz  # noqa: E402
+viz = load_example("denoise_viz")
 
 
 MASK = 126

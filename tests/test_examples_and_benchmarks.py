@@ -8,7 +8,7 @@ from pathlib import Path
 
 from conftest import ROOT
 
-from benchmarks.tiny_task import save_tiny_folder
+from modeling_llada_moe.apps.tiny_task import save_tiny_folder
 
 
 DECODER_NAMES = ("reference sampler (1 token/step)", "threshold 0.9 + dual cache")

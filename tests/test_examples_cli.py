@@ -13,8 +13,8 @@ import huggingface_hub
 import pytest
 from conftest import ROOT
 
-from benchmarks.tiny_task import save_tiny_folder
-from modeling_llada_moe.inference import END_OF_TURN, decode_completion, encode_prompt, load_model_and_tokenizer
+from modeling_llada_moe.apps.inference import END_OF_TURN, decode_completion, encode_prompt, load_model_and_tokenizer
+from modeling_llada_moe.apps.tiny_task import save_tiny_folder
 
 
 def run_example(name: str, *args, monkeypatch, capsys, stdin: str | None = None) -> str:

@@ -27,8 +27,8 @@ from transformers import (
     pipeline,
 )
 
-from benchmarks.tiny_task import LING_CHAT_TEMPLATE
 from modeling_llada_moe import DiffusionGenerationConfig, LLaDAMoEForMaskedLM
+from modeling_llada_moe.apps.tiny_task import LING_CHAT_TEMPLATE
 from modeling_llada_moe.generation_utils import split_blocks, split_steps
 
 

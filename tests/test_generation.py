@@ -7,8 +7,8 @@ from reference_sampler import llada_reference_generate
 from transformers import TextStreamer
 from transformers.generation.streamers import BaseStreamer
 
-from benchmarks.tiny_task import DIGITS, reversal_batch
 from modeling_llada_moe import DiffusionGenerateOutput, DiffusionGenerationConfig, LLaDAMoEForMaskedLM
+from modeling_llada_moe.apps.tiny_task import DIGITS, reversal_batch
 from modeling_llada_moe.generation_utils import (
     confidence,
     select_by_factor,

@@ -14,7 +14,8 @@ from lm_eval.api.instance import Instance
 from lm_eval.api.registry import get_model
 from lm_eval.tasks import TaskManager
 
-from benchmarks.tiny_task import (
+from modeling_llada_moe.apps.evaluation import LLaDAMoELM, rolling_windows
+from modeling_llada_moe.apps.tiny_task import (
     LING_CHAT_TEMPLATE,
     MASK_ID,
     PAD_ID,
@@ -23,7 +24,6 @@ from benchmarks.tiny_task import (
     tiny_tokenizer,
     train_reversal_model,
 )
-from modeling_llada_moe.evaluation import LLaDAMoELM, rolling_windows
 from modeling_llada_moe.forward_process import example_generator
 
 
@@ -283,7 +283,7 @@ def command_line_run(tmp_path_factory):
     lm-eval's 14k task files takes ~15 s) and read by `test_lm_eval_command_line` at the end."""
     work = tmp_path_factory.mktemp("lm_eval_cli")
     folder = save_tiny_folder(work / "model", model=tiny_model(seed=CLI_SEED), chat=False)
-    command = [sys.executable, "-m", "modeling_llada_moe.evaluation", "--model", "llada_moe"]
+    command = [sys.executable, "-m", "modeling_llada_moe.apps.evaluation", "--model", "llada_moe"]
     command += ["--model_args", f"pretrained={folder},mc_num=8,block_length=4", "--device", "cpu"]
     command += ["--tasks", "reversal_choice,reversal_generate", "--include_path", str(TASKS), "--limit", "4"]
     command += ["--output_path", str(work / "results"), "--log_samples"]

@@ -1,4 +1,4 @@
-"""LoRA on the routed experts (`modeling_llada_moe.peft_experts`): one adapter per expert, applied by every experts
+"""LoRA on the routed experts (`trl_ext.peft_experts`): one adapter per expert, applied by every experts
 backend and on 4-bit experts, trained by the SFT trainer, saved / reloaded / merged through PEFT."""
 
 import pytest
@@ -7,9 +7,9 @@ from conftest import tiny_model, tiny_tokenizer
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 
-from benchmarks.tiny_task import reversal_examples
-from modeling_llada_moe.peft_experts import ExpertsLoraLayer, experts_lora_config, load_adapter
+from modeling_llada_moe.apps.tiny_task import reversal_examples
 from trl_ext import DiffusionSFTConfig, DiffusionSFTTrainer
+from trl_ext.peft_experts import ExpertsLoraLayer, experts_lora_config, load_adapter
 
 
 BACKENDS = ("eager", "grouped_mm", "batched_mm", "grouped_mm_chunked")

@@ -32,10 +32,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from time_limit import time_limit
 
-from benchmarks.tiny_task import LING_CHAT_TEMPLATE, save_tiny_folder, tiny_model, tiny_tokenizer
 from modeling_llada_moe import DiffusionGenerationConfig
-from modeling_llada_moe.inference import decode_completion, encode_prompt
-from modeling_llada_moe.serve import ServeOptions, create_app
+from modeling_llada_moe.apps.inference import decode_completion, encode_prompt
+from modeling_llada_moe.apps.serve import ServeOptions, create_app
+from modeling_llada_moe.apps.tiny_task import LING_CHAT_TEMPLATE, save_tiny_folder, tiny_model, tiny_tokenizer
 
 
 MODEL = "tiny"
@@ -532,7 +532,7 @@ def chat_folder(tmp_path_factory) -> Path:
 
 
 def test_serve_command_refuses_bad_input_with_exit_2(chat_folder, capsys):
-    from modeling_llada_moe.cli import main
+    from modeling_llada_moe.apps.cli import main
 
     for argv, message in (
         (["serve", "/no/such/folder"], "'/no/such/folder': no such folder"),
@@ -555,7 +555,7 @@ def test_serve_command_drains_in_flight_requests_on_sigterm(chat_folder):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    command = [sys.executable, "-m", "modeling_llada_moe.cli", "serve", str(chat_folder), "--port", str(port),
+    command = [sys.executable, "-m", "modeling_llada_moe.apps.cli", "serve", str(chat_folder), "--port", str(port),
                "--served-model-name", MODEL, "--max-new-tokens", "64", "--preset", "llada", "--log-level", "warning"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -608,15 +608,15 @@ def test_the_hub_model_files_never_import_the_server():
 
 def test_the_command_line_works_without_the_serve_extra(chat_folder, monkeypatch, capsys):
     # cli.py imports the server only inside `llada-moe serve`, so the other commands need none of its packages ...
-    tree = ast.parse((ROOT / "modeling_llada_moe" / "cli.py").read_text())
+    tree = ast.parse((ROOT / "modeling_llada_moe" / "apps" / "cli.py").read_text())
     top_level = [node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))]
     names = {alias.name for node in top_level for alias in node.names} | {node.module for node in top_level
                                                                           if isinstance(node, ast.ImportFrom)}
     assert not {"serve", "uvicorn", "fastapi", "prometheus_client"} & names
     # ... and without them `llada-moe serve` says what to install (exit 1: nothing wrong with the input).
-    from modeling_llada_moe.cli import main
+    from modeling_llada_moe.apps.cli import main
 
-    monkeypatch.delitem(sys.modules, "modeling_llada_moe.serve")
+    monkeypatch.delitem(sys.modules, "modeling_llada_moe.apps.serve")
     for name in ("fastapi", "uvicorn", "prometheus_client"):
         monkeypatch.setitem(sys.modules, name, None)
     assert main(["serve", str(chat_folder)]) == 1

@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_model, tiny_tokenizer
 from datasets import Dataset
 
-from benchmarks.tiny_task import reversal_examples
+from modeling_llada_moe.apps.tiny_task import reversal_examples
 from modeling_llada_moe.forward_process import bernoulli_mask, example_generator
 from trl_ext import TRAINING_CHAT_TEMPLATE_PATH, DataCollatorForDiffusionSFT, DiffusionSFTConfig, DiffusionSFTTrainer
 

@@ -17,7 +17,7 @@ from datasets import Dataset
 from test_vrpo import ROWS, preference_dataset, vrpo_config
 from test_vrpo import tiny_tokenizer as word_tokenizer
 
-from benchmarks.tiny_task import LING_CHAT_TEMPLATE, reversal_examples, save_tiny_folder
+from modeling_llada_moe.apps.tiny_task import LING_CHAT_TEMPLATE, reversal_examples, save_tiny_folder
 from trl_ext import DiffusionSFTConfig, DiffusionSFTTrainer, VRPOTrainer
 
 

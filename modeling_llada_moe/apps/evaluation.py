@@ -7,7 +7,7 @@
   the text.
 
 lm-eval 0.4.13 finds models only in its own registry (no plugin entry points), so the command line is lm-eval's
-own, started from here: `python -m modeling_llada_moe.evaluation --model llada_moe --model_args pretrained=...`.
+own, started from here: `python -m modeling_llada_moe.apps.evaluation --model llada_moe --model_args pretrained=...`.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ from lm_eval.models.utils import (
 from tqdm import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from .forward_process import example_generator
-from .generation_utils import DiffusionGenerationConfig, decoding_preset
+from ..forward_process import example_generator
+from ..generation_utils import DiffusionGenerationConfig, decoding_preset
 from .inference import completion_ids, end_of_turn_ids, load_model_and_tokenizer, pick_device
 
 
@@ -519,7 +519,7 @@ class LLaDAMoELM(TemplateLM):
 
 
 # A lazy "module:class" entry: the same name whether this file runs as `python -m` (module `__main__`) or is imported.
-model_registry.register("llada_moe", target="modeling_llada_moe.evaluation:LLaDAMoELM")
+model_registry.register("llada_moe", target="modeling_llada_moe.apps.evaluation:LLaDAMoELM")
 
 
 def main(argv: list[str] | None = None) -> None:

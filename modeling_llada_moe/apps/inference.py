@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from .generation_utils import DiffusionGenerationConfig
-from .modeling_llada_moe import LLaDAMoEForMaskedLM
+from ..generation_utils import DiffusionGenerationConfig
+from ..modeling_llada_moe import LLaDAMoEForMaskedLM
 
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -27,8 +27,9 @@ from typing import Any
 import torch
 from transformers import AutoModel, PreTrainedTokenizerBase, TextStreamer
 
-from .configuration_llada_moe import LLaDAMoEConfig
-from .generation_utils import DECODING_PRESETS, REMASKING_STRATEGIES, DiffusionGenerationConfig, decoding_preset
+from ..configuration_llada_moe import LLaDAMoEConfig
+from ..generation_utils import DECODING_PRESETS, REMASKING_STRATEGIES, DiffusionGenerationConfig, decoding_preset
+from ..modeling_llada_moe import LLaDAMoEForMaskedLM
 from .hub import hub_token, login_help, push_folder
 from .inference import (
     DTYPES,
@@ -44,7 +45,6 @@ from .inference import (
     load_model_and_tokenizer,
 )
 from .inference import load_tokenizer as load_tokenizer_folder
-from .modeling_llada_moe import LLaDAMoEForMaskedLM
 
 
 DEFAULT_MODEL = "inclusionAI/LLaDA-MoE-7B-A1B-Instruct"
@@ -652,7 +652,7 @@ def run_convert(args: argparse.Namespace) -> int:
 def find_benchmarks(package_root: Path | None = None) -> Path:
     """The repository root holding `benchmarks/` (beside this package in an editable install, or the current
     folder); `FileNotFoundError` explains what to do when the package was installed without it."""
-    package_root = package_root or Path(__file__).resolve().parents[1]
+    package_root = package_root or Path(__file__).resolve().parents[2]
     for root in (package_root, Path.cwd()):
         if all((root / "benchmarks" / f"{name}.py").is_file() for name in BENCHMARKS):
             return root
@@ -665,12 +665,10 @@ def find_benchmarks(package_root: Path | None = None) -> Path:
 def run_bench(args: argparse.Namespace) -> int:
     root = find_benchmarks()
     extra = args.args[1:] if args.args[:1] == ["--"] else args.args
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
     saved_argv = sys.argv
     sys.argv = [f"llada-moe bench {args.name}", *extra]
-    try:
-        runpy.run_module(f"benchmarks.{args.name}", run_name="__main__")  # argparse prog: argv[0]
+    try:  # each benchmark is a script that imports only installed packages
+        runpy.run_path(str(root / "benchmarks" / f"{args.name}.py"), run_name="__main__")  # argparse prog: argv[0]
     except SystemExit as exit:  # the benchmark's own argparse (--help, a bad flag)
         return exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 1)
     finally:

@@ -30,7 +30,7 @@ from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
-from .modeling_llada_moe import LLaDAMoEExperts, is_quantized_container
+from modeling_llada_moe.modeling_llada_moe import LLaDAMoEExperts, is_quantized_container
 
 
 PROJECTIONS = ("gate_up", "down")

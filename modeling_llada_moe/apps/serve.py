@@ -40,9 +40,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from transformers import PreTrainedTokenizerBase, StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
-from .generation_utils import REMASKING_STRATEGIES, DiffusionGenerationConfig, decoding_preset
+from ..generation_utils import REMASKING_STRATEGIES, DiffusionGenerationConfig, decoding_preset
+from ..modeling_llada_moe import LLaDAMoEForMaskedLM
 from .inference import end_of_turn_ids
-from .modeling_llada_moe import LLaDAMoEForMaskedLM
 
 
 logger = logging.getLogger("llada_moe.serve")

@@ -1,10 +1,10 @@
 """Speed of diffusion_generate's decoding modes on a fixed prompt set: NFE, tokens per forward, time, tokens/s.
 
-CPU (default): the tiny LLaDA-MoE trained for ~20 s on digit reversal (modeling_llada_moe/apps/tiny_task.py), 16 prompts,
+CPU (default): the tiny LLaDA-MoE trained for ~20 s on digit reversal (apps/tiny_task.py), 16 prompts,
 8 answer tokens in blocks of 4: reference (1 token per step), threshold 0.9, prefix cache + threshold, dual cache
 + threshold. Accuracy against the true reversal is printed too.
 
-`--sweep`: the task that separates decoding modes, 4-digit addition (`modeling_llada_moe/apps/tiny_task.py`; every answer digit
+`--sweep`: the task that separates decoding modes, 4-digit addition (`apps/tiny_task.py`; every answer digit
 hangs on a carry chain), with a tiny model trained by `DiffusionSFTTrainer` (`--model` loads one saved earlier,
 `--save` keeps the one trained here): the presets (`DiffusionGenerationConfig.from_preset`) and each strategy knob,
 each on `--seeds` held-out prompt sets of `--batch` problems: mean NFE per row, tokens per forward, exact-match

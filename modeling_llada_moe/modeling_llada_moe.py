@@ -6,14 +6,10 @@ pre-trained base, trunk and masked-LM head. The math follows the official `model
 key-padding mask, the router runs in fp32, and `labels` / `output_router_logits` work.
 """
 
-import contextlib
 import importlib.util
 import inspect
-import os
-import re
 import shutil
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,10 +31,6 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_u
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
 from transformers.processing_utils import Unpack
 from transformers.utils import (
-    SAFE_WEIGHTS_INDEX_NAME,
-    SAFE_WEIGHTS_NAME,
-    WEIGHTS_INDEX_NAME,
-    WEIGHTS_NAME,
     ModelOutput,
     TransformersKwargs,
     can_return_tuple,
@@ -47,6 +39,7 @@ from transformers.utils import (
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
+from .atomic_save import check_folder_target, staged_save, weight_files
 from .bnb_layout import (
     dequantize_4bit_rows,
     linears_4bit_cannot_take,
@@ -652,6 +645,8 @@ MODEL_FILES_AUTO_MAP = {
     "AutoModel": "modeling_llada_moe.LLaDAMoEForMaskedLM",
     "AutoModelForMaskedLM": "modeling_llada_moe.LLaDAMoEForMaskedLM",
 }
+# save_pretrained(push_to_hub=True, ...) options that belong to the upload, not to the files.
+HUB_OPTIONS = ("repo_id", "commit_message", "commit_description", "private", "token", "revision", "create_pr", "tags")
 
 
 class LLaDAMoEPreTrainedModel(PreTrainedModel):
@@ -748,10 +743,12 @@ class LLaDAMoEPreTrainedModel(PreTrainedModel):
         """Save weights (official per-expert keys), config with `auto_map`, the model code and a model card (the
         generation config too, for the LM), so the folder loads with `trust_remote_code=True` anywhere.
 
-        Weight files of an earlier save that a load of the folder would read (`model.safetensors`, the shards and
-        their index, PyTorch `.bin` files, all of the same `variant`) are replaced: they are moved aside before the
-        save, deleted after it, and put back if it fails. transformers itself only removes unused shards, so an
-        unsharded file left next to a new index would be loaded instead of it."""
+        The save is all-or-nothing (`atomic_save.staged_save`): everything is written into a staging folder first
+        and committed by renames, so a save that fails (a full disk, an interrupt) leaves the folder as it was. The
+        weight files of an earlier save that a load of the folder would read (`model.safetensors`, the shards and
+        their index, PyTorch `.bin` files, all of the same `variant`) are replaced: transformers itself only removes
+        unused shards, so an unsharded file left next to a new index would be loaded instead of it. A path that is an
+        existing file is a ValueError (transformers only logs it)."""
         if any(getattr(module, "expert_shard", None) for module in self.modules()):
             raise ValueError(
                 "this model was loaded with expert parallelism (DistributedConfig(ep_size=...)): each rank holds part "
@@ -777,60 +774,27 @@ class LLaDAMoEPreTrainedModel(PreTrainedModel):
         if not isinstance(self, LLaDAMoEForMaskedLM):
             auto_map["AutoModel"] = f"modeling_llada_moe.{type(self).__name__}"
         self.config.auto_map = auto_map
-        arguments = inspect.signature(PreTrainedModel.save_pretrained).bind(self, save_directory, *args, **kwargs)
-        is_main_process = arguments.arguments.get("is_main_process", True)
-        variant = arguments.arguments.get("variant")
-        replaces = is_main_process and not getattr(self, "_hf_peft_config_loaded", False)
-        with replacing_weight_files(Path(save_directory), variant, replaces):
-            super().save_pretrained(save_directory, *args, **kwargs)
-        if not is_main_process:
+        folder = check_folder_target(save_directory)
+        options = inspect.signature(PreTrainedModel.save_pretrained).bind(self, save_directory, *args, **kwargs)
+        options = {name: value for name, value in options.arguments.items() if name not in {"self", "save_directory"}}
+        options.update(options.pop("kwargs", {}))
+        if not options.get("is_main_process", True):
+            super().save_pretrained(save_directory, *args, **kwargs)  # another rank writes the folder
             return
-        save_directory = Path(save_directory)
-        source = Path(__file__)
-        for path in [source, *get_relative_import_files(str(source))]:
-            shutil.copyfile(path, save_directory / Path(path).name)
-        if not (save_directory / "README.md").exists():
-            (save_directory / "README.md").write_text(model_card(self.config, type(self).__name__))
-
-
-def weight_files(folder: Path, variant: str | None) -> list[Path]:
-    """The weight files of `folder` that `from_pretrained(folder, variant=variant)` may read: the single file, the
-    index and its shards, in safetensors and in PyTorch's format."""
-    if not folder.is_dir():
-        return []
-    names = set()
-    for single, index in ((SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME), (WEIGHTS_NAME, WEIGHTS_INDEX_NAME)):
-        stem, suffix = single.rsplit(".", 1)
-        if variant is not None:
-            stem = f"{stem}.{variant}"
-            index = f"{index.rsplit('.', 1)[0]}.{variant}.json"
-        names |= {f"{stem}.{suffix}", index}
-        shard = re.compile(rf"{re.escape(stem)}-\d{{5}}-of-\d{{5}}\.{re.escape(suffix)}")
-        names |= {entry.name for entry in folder.iterdir() if shard.fullmatch(entry.name)}
-    return sorted(folder / name for name in names if (folder / name).is_file())
-
-
-@contextlib.contextmanager
-def replacing_weight_files(folder: Path, variant: str | None, enabled: bool = True) -> Iterator[None]:
-    """Moves the weight files of an earlier save aside while a new one is written; deletes them when it succeeds,
-    and on a failure deletes what the new save wrote and puts the earlier files back."""
-    previous = weight_files(folder, variant) if enabled else []
-    if not previous:
-        yield
-        return
-    aside = Path(tempfile.mkdtemp(prefix=".previous-weights-", dir=folder))
-    for path in previous:
-        os.replace(path, aside / path.name)
-    try:
-        yield
-    except BaseException:
-        for path in weight_files(folder, variant):
-            path.unlink()
-        for path in previous:
-            os.replace(aside / path.name, path)
-        raise
-    finally:
-        shutil.rmtree(aside)
+        hub = {key: options.pop(key) for key in HUB_OPTIONS if key in options}
+        hub["repo_id"] = hub.get("repo_id") or folder.name
+        push = options.pop("push_to_hub", False)
+        adapters_only = getattr(self, "_hf_peft_config_loaded", False)
+        variant = options.get("variant")
+        with staged_save(folder, None if adapters_only else lambda path: weight_files(path, variant)) as staging:
+            super().save_pretrained(staging, **options)
+            source = Path(__file__)
+            for path in [source, *get_relative_import_files(str(source))]:
+                shutil.copyfile(path, staging / Path(path).name)
+            if not (folder / "README.md").exists():
+                (staging / "README.md").write_text(model_card(self.config, type(self).__name__))
+        if push:  # uploads a fresh save of the same model, code files and card included
+            self.push_to_hub(hub.pop("repo_id"), **hub, max_shard_size=options.get("max_shard_size", "50GB"))
 
 
 class LLaDAMoEModel(LLaDAMoEPreTrainedModel):

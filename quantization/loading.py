@@ -15,16 +15,39 @@ from .fast_quantize import fast_4bit_quantization
 from .presets import bnb_config
 
 
+def _check_source(path_or_repo: str | Path) -> None:
+    """A model folder, or a name that can be a Hub repo id; else a ValueError naming it (transformers would say
+    "Repo id must be ..." about a folder that is simply missing)."""
+    path = Path(path_or_repo)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"path_or_repo={str(path)!r}: the folder has no config.json (not a saved model folder)")
+        return
+    if path.exists():
+        raise ValueError(f"path_or_repo={str(path)!r} is a file; expected a model folder or a Hub repo id")
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(str(path_or_repo))
+    except HFValidationError as error:
+        raise ValueError(
+            f"path_or_repo={str(path_or_repo)!r}: no such folder, and not a Hub repo id ('name' or 'namespace/name')"
+        ) from error
+
+
 def _saved_quantization(path_or_repo: str | Path, **hub_kwargs) -> dict | None:
     """The `quantization_config` of a saved folder / Hub repo, or None when its weights are not quantized."""
     local = Path(path_or_repo) / "config.json"
-    if local.is_file():
-        config = json.loads(local.read_text())
-    else:
+    if not local.is_file():
         from transformers.utils import cached_file
 
-        resolved = cached_file(str(path_or_repo), "config.json", **hub_kwargs)
-        config = json.loads(Path(resolved).read_text())
+        local = Path(cached_file(str(path_or_repo), "config.json", **hub_kwargs))
+    try:
+        config = json.loads(local.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{local}: not a JSON config file ({error})") from error
+    if not isinstance(config, dict):
+        raise ValueError(f"{local}: expected a JSON object of config fields, got {type(config).__name__}")
     return config.get("quantization_config")
 
 
@@ -62,6 +85,7 @@ def load_quantized(
         raise ValueError(f"device_map={device_map!r} asks for a GPU, but CUDA is not available; use 'cpu' or 'auto'")
     if torch.cuda.is_available() and device_map != "cpu" and bits == 8 and torch.cuda.get_device_capability() < (7, 5):
         raise ValueError("bitsandbytes LLM.int8 needs a GPU of compute capability >= 7.5; use bits=4 or the CPU")
+    _check_source(path_or_repo)
     compute_dtype = compute_dtype or _default_compute_dtype(device_map)
     hub_kwargs = {
         k: from_pretrained_kwargs[k] for k in ("revision", "token", "cache_dir") if k in from_pretrained_kwargs

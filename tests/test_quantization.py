@@ -239,3 +239,19 @@ def test_clear_errors(saved_model, monkeypatch):
 
 def test_unquantized_estimate_defaults():
     assert estimate_memory(tiny_config(), None, torch.float32).total == memory_report(tiny_model()).total
+
+
+def test_damaged_or_missing_sources_name_the_path(tmp_path):
+    with pytest.raises(ValueError, match=r"path_or_repo='.*missing'.*no such folder, and not a Hub repo id"):
+        load_quantized(tmp_path / "missing", bits=4, device_map="cpu")
+    (tmp_path / "file.bin").write_bytes(b"x")
+    with pytest.raises(ValueError, match=r"file\.bin' is a file"):
+        load_quantized(tmp_path / "file.bin", bits=4, device_map="cpu")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="has no config.json"):
+        load_quantized(empty, bits=4, device_map="cpu")
+    for text, what in (("[1, 2]", "got list"), ("null", "got NoneType"), ('"text"', "got str"), ("{", "not a JSON")):
+        (empty / "config.json").write_text(text)
+        with pytest.raises(ValueError, match=rf"config\.json: .*{what}"):
+            load_quantized(empty, bits=4, device_map="cpu")

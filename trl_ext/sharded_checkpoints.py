@@ -18,7 +18,9 @@ methods the Trainer already calls for every checkpoint:
 - `train(resume_from_checkpoint=...)` reads both back into the sharded model and optimizer (DCP matches the shards
   by name and offset); the scheduler, per-process RNG states and trainer state go through the Trainer as usual.
 
-`trainer.save_model(...)` called by you still gathers the model and writes the official per-expert layout.
+`trainer.save_model(...)` called by you still gathers the model and writes the official per-expert layout. Every
+save the Trainer makes outside a sharded step checkpoint (the final `save_model`, step checkpoints of other models)
+is all-or-nothing: it is written into a staging folder and committed by renames (`modeling_llada_moe.atomic_save`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from transformers.distributed import (
 )
 from transformers.distributed.checkpoint import is_sharded_checkpoint
 from transformers.trainer import SCHEDULER_NAME, TRAINING_ARGS_NAME
+
+from modeling_llada_moe.atomic_save import staged_save, weight_files
 
 
 OPTIMIZER_DIR = "optimizer"  # the DCP optimizer shards inside a step checkpoint
@@ -85,10 +89,16 @@ class ShardedCheckpoints:
             self._writing_step_checkpoint = False
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        if not (self._shards_checkpoints and self._writing_step_checkpoint):
-            return super()._save(output_dir, state_dict)
-        # A step checkpoint: every rank writes its own shards, nothing is gathered.
         output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not (self._shards_checkpoints and self._writing_step_checkpoint):
+            if not self.args.should_save:  # a rank that only joins the gathers writes nothing
+                return super()._save(output_dir, state_dict)
+            # All or nothing: model, tokenizer and training arguments land together, or the folder stays as it was;
+            # the weight files of an earlier save there are replaced.
+            with staged_save(output_dir, weight_files) as staging:
+                super()._save(str(staging), state_dict)
+            return None
+        # A step checkpoint: every rank writes its own shards, nothing is gathered.
         self.model.save_pretrained(output_dir, distributed_checkpoint=True, is_main_process=self.args.should_save)
         if self.args.should_save:
             if self.processing_class is not None:

@@ -26,8 +26,7 @@ def is_finite(value: Any) -> bool:
 # --- Declared field checks for `@strict` configs (`huggingface_hub.dataclasses.strict`, as transformers 5.23's own
 # configs use them): a field is declared once with its type and a validator, `rejected` / `wrong_type` word the error.
 
-import dataclasses  # noqa: E402 (kept in this block, which another change to the file does not touch)
-import functools  # noqa: E402
+import functools  # noqa: E402 (imports kept in this block, which other changes to the file do not touch)
 import types  # noqa: E402
 import typing  # noqa: E402
 from collections.abc import Callable  # noqa: E402
@@ -106,9 +105,7 @@ def interval_words(
         return f"a finite number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
     if low is not None:
         return f"a finite number {'>' if low_open else '>='} {low:g}"
-    if high is not None:
-        return f"a finite number {'<' if high_open else '<='} {high:g}"
-    return "a finite number"
+    return "a finite number" if high is None else f"a finite number {'<' if high_open else '<='} {high:g}"
 
 
 def one_of(choices: typing.Collection[str]) -> Callable[..., Any]:
@@ -166,12 +163,11 @@ def named_errors(cls: type) -> type:
     its value and what is accepted (huggingface_hub wraps both in a `StrictDataclass*Error`, which callers that
     catch `ValueError` miss). Values are read as `as_python` reads them; `attribute_map` aliases are checked under
     the field they set."""
-    declared = {field.name: field for field in dataclasses.fields(cls)}
     strict_setattr, strict_validate = cls.__setattr__, cls.validate
 
     def __setattr__(self, name: str, value: Any) -> None:
         name = type(self).attribute_map.get(name, name)
-        field = declared.get(name)
+        field = type(self).__dataclass_fields__.get(name)
         if field is None:
             return strict_setattr(self, name, value)
         try:

@@ -2,9 +2,10 @@
 field values of many types; print per surface: tried / ok / clear error / bad.
 
 ok: the config builds, its fields have their declared types and ranges, it round-trips through `to_dict`, and (when
-small) the model it describes builds and runs. clear error: a `TypeError` / `ValueError` raised by the config that
-names a field, its value and what is accepted. bad: anything else (a traceback from inside transformers or torch, an
-error that names no field, a hang past the timeout, or a built config that breaks an invariant).
+small) the model it describes builds and runs to finite logits. clear error: a `TypeError` / `ValueError` raised by
+the config (or by the shared field checks it declares, `modeling_llada_moe/validators.py`) that names a field, its
+value and what is accepted. bad: anything else (a traceback from inside transformers or torch, an error that names no
+field, a hang past the timeout, or a built config that breaks an invariant).
 
     python scripts/fuzz_config.py [--calls 300] [--seed 0]
 """
@@ -52,6 +53,8 @@ FIELDS = [
 ]  # fmt: skip
 EXTRA_KEYS = ["hiden_size", "temperature", "torch_dtype", "auto_map", "is_decoder", "foo"]
 NAMED = re.compile(r"LLaDAMoEConfig: `([a-z_.]+)`=")
+# Where a clear error is raised: the config's file, or the shared checks its fields declare.
+CONFIG_FILES = ("configuration_llada_moe.py", "validators.py")
 TIMEOUT_S = 10
 
 
@@ -100,7 +103,7 @@ def random_value(rng: random.Random, field: str):
     pools = [
         lambda: rng.randint(-3, 140),
         lambda: rng.choice([0, 1, 2, 4, 8, 16, 32, 64, 96, 120, 126, 127, 128, 500, 2**40]),
-        lambda: rng.choice([0.0, 0.5, 1.0, 2.0, 4.0, -0.02, 1e-5, 0.02, 50000.0, 1e300, -1.0]),
+        lambda: rng.choice([0.0, 0.5, 1.0, 2.0, 4.0, -0.02, 1e-5, 0.02, 50000.0, 1e300, -1.0, 1e-300, 1e-40, 1e6]),
         lambda: rng.choice([math.inf, -math.inf, math.nan]),
         lambda: rng.choice([True, False, None]),
         lambda: rng.choice(["", "x", "silu", "gelu", "relu", "softmax", "sigmoid", "no", "yes", "1", "2.0"]),
@@ -111,6 +114,8 @@ def random_value(rng: random.Random, field: str):
                 {"rope_type": "default", "rope_theta": 10000.0},
                 {"rope_type": "linear", "factor": 2.0},
                 {"rope_type": "linear"},
+                {"rope_type": "linear", "factor": rng.choice([0.0, math.nan, 1e-38, 0.5, -2.0])},
+                {"rope_type": "dynamic", "factor": rng.choice([0.0, math.nan, 1e20, 4.0])},
                 {"rope_type": "nope"},
                 {"rope_type": 3},
                 {"rope_theta": "x"},
@@ -146,7 +151,7 @@ def check_config(config: LLaDAMoEConfig) -> str | None:
             if type(token) is not int or not 0 <= token < config.vocab_size:
                 return f"{field}={value!r} accepted with vocab_size={config.vocab_size}"
     theta = config.rope_parameters["rope_theta"]
-    if not (math.isfinite(theta) and theta > 0):
+    if not (math.isfinite(theta) and theta >= 1):
         return f"rope_theta={theta!r} accepted"
     if LLaDAMoEConfig(**config.to_dict()).to_dict() != config.to_dict():
         return "to_dict does not round-trip"
@@ -157,6 +162,8 @@ def check_config(config: LLaDAMoEConfig) -> str | None:
             logits = model(torch.randint(0, config.vocab_size, (1, 5))).logits
         if logits.shape != (1, 5, config.vocab_size):
             return f"logits of shape {tuple(logits.shape)}"
+        if not torch.isfinite(logits).all():
+            return "logits that are not finite"
     return None
 
 
@@ -169,7 +176,7 @@ def classify(call) -> tuple[str, str]:
         return ("bad", problem) if problem else ("ok", "")
     except (TypeError, ValueError) as err:
         frames = traceback.extract_tb(err.__traceback__)
-        ours = frames and "configuration_llada_moe.py" in frames[-1].filename
+        ours = frames and Path(frames[-1].filename).name in CONFIG_FILES
         if ours and NAMED.search(str(err)):
             return "clear", ""
         return "bad", f"{type(err).__name__}: {err} (raised in {frames[-1].filename if frames else '?'})"

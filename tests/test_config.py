@@ -1,11 +1,13 @@
 """LLaDAMoEConfig: reads the official config.json unchanged, 7B defaults, every validation error."""
 
 import json
+import math
 
 import pytest
+import torch
 from conftest import TINY, tiny_config
 
-from modeling_llada_moe import LLaDAMoEConfig
+from modeling_llada_moe import LLaDAMoEConfig, LLaDAMoEForMaskedLM
 
 
 def test_reads_official_config_json(official_small):
@@ -105,3 +107,65 @@ def test_scaled_rope_is_validated_by_transformers():
     assert config.rope_parameters["rope_type"] == "linear"
     with pytest.raises(ValueError, match="`rope_parameters`=.*factor"):
         tiny_config(rope_scaling={"rope_type": "linear"})
+
+
+# Values the old hand-written checks accepted although the forward of the model they describe returned NaN (issue 23,
+# item 3), or that lie past a bound chosen in configuration_llada_moe.py (see ROPE_NUMBERS and the field comments).
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        (dict(rope_theta=1e-300), "rope_theta"),  # inverse frequencies overflow float32: NaN logits
+        (dict(rope_theta=0.5), "rope_theta"),  # below 1 the RoPE spectrum is inverted
+        (dict(rope_scaling={"rope_type": "linear", "factor": 0.0}), "factor"),  # NaN logits
+        (dict(rope_scaling={"rope_type": "linear", "factor": math.nan}), "factor"),  # NaN logits
+        (dict(rope_scaling={"rope_type": "linear", "factor": 1e-38}), "factor"),  # NaN logits
+        (dict(rope_scaling={"rope_type": "linear", "factor": 0.5}), "factor"),  # transformers: a factor is >= 1
+        (dict(rope_scaling={"rope_type": "dynamic", "factor": math.nan}), "factor"),  # NaN logits
+        (dict(rope_scaling={"rope_type": "dynamic", "factor": 1e20}), "factor"),  # NaN logits
+        (dict(rope_scaling={"rope_type": "dynamic", "factor": math.inf}), "factor"),
+        (dict(rope_scaling={"rope_type": "yarn", "factor": 2.0, "beta_fast": math.nan}), "beta_fast"),
+        (dict(initializer_range=10.0), "initializer_range"),  # NaN logits in fp16
+        (dict(initializer_range=1e20), "initializer_range"),
+        (dict(routed_scaling_factor=1e6), "routed_scaling_factor"),  # NaN logits in fp16
+        (dict(routed_scaling_factor=101.0), "routed_scaling_factor"),
+    ],
+)
+def test_values_that_made_the_forward_nan_are_rejected_by_name(overrides, field):
+    with pytest.raises(ValueError, match=rf"`[a-z_.]*{field}`=.* is invalid; expected a finite number"):
+        LLaDAMoEConfig(**{**TINY, **overrides})
+
+
+@pytest.mark.parametrize(
+    ("dtype", "overrides"),
+    [
+        (torch.float32, dict(rope_theta=1.0)),
+        (torch.float32, dict(rope_theta=1e300)),
+        (torch.float32, dict(rope_scaling={"rope_type": "linear", "factor": 1.0})),
+        (torch.float32, dict(rope_scaling={"rope_type": "linear", "factor": 1e6})),
+        # Longer than max_position_embeddings, so that dynamic NTK rescales its base.
+        (torch.float32, dict(max_position_embeddings=8, rope_scaling={"rope_type": "dynamic", "factor": 1e6})),
+        (torch.float16, dict(initializer_range=1.0)),
+        (torch.float16, dict(routed_scaling_factor=100.0)),
+    ],
+)
+def test_values_at_the_bounds_build_a_model_with_finite_logits(dtype, overrides):
+    torch.manual_seed(0)
+    model = LLaDAMoEForMaskedLM(tiny_config(**overrides)).eval().to(dtype)
+    with torch.no_grad():
+        logits = model(torch.arange(16).unsqueeze(0)).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_fields_are_declared_and_checked_on_assignment(tmp_path):
+    config = tiny_config()
+    assert LLaDAMoEConfig.__validators__["vocab_size"]  # `@strict` holds a type check and a range check per field
+    with pytest.raises(TypeError, match="`hidden_size`='64' has the wrong type; expected an integer"):
+        config.hidden_size = "64"
+    with pytest.raises(ValueError, match=r"`attention_dropout`=1.0 is invalid; expected a finite number in \[0, 1\)"):
+        config.attention_dropout = 1.0
+    with pytest.raises(TypeError, match="`num_experts`=8.0 has the wrong type"):
+        config.num_local_experts = 8.0  # an alias is checked as the field it sets
+    config.num_experts_per_tok = 16  # a relation between fields is checked by `validate`, as at every save
+    with pytest.raises(ValueError, match="`num_experts_per_tok`=16 is invalid; expected at most num_experts=8"):
+        config.save_pretrained(tmp_path)
+    assert not (tmp_path / "config.json").exists()

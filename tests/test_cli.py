@@ -18,7 +18,8 @@ from conftest import ROOT
 from official_reference import official_config_dict, official_state_dict, write_official_checkpoint
 from transformers import AutoTokenizer
 
-from modeling_llada_moe import LLaDAMoEForMaskedLM, cli
+from modeling_llada_moe import LLaDAMoEForMaskedLM
+from modeling_llada_moe.apps import cli
 from modeling_llada_moe.apps.inference import decode_completion, encode_prompt, load_model_and_tokenizer
 from modeling_llada_moe.apps.tiny_task import LING_CHAT_TEMPLATE, save_tiny_folder, tiny_tokenizer
 

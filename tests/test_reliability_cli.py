@@ -18,7 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from time_limit import time_limit
 
-from modeling_llada_moe import LLaDAMoEForMaskedLM, cli
+from modeling_llada_moe import LLaDAMoEForMaskedLM
+from modeling_llada_moe.apps import cli
 from modeling_llada_moe.apps.inference import load_model_and_tokenizer
 from modeling_llada_moe.apps.tiny_task import save_tiny_folder
 from trl_ext.sft import DiffusionSFTConfig

@@ -1,6 +1,7 @@
 """`apps.settings.decoding_config`: the one translation from user-facing decoding settings (flags, request fields,
 lm-eval arguments, demo controls) to a `DiffusionGenerationConfig`, and its one error type."""
 
+import pickle
 import re
 
 import pytest
@@ -105,6 +106,8 @@ def test_a_bad_value_raises_setting_error_naming_the_field(settings, field, word
 
 
 def test_errors_show_the_value_as_read():
+    error = pickle.loads(pickle.dumps(SettingError("steps", 0, "expected a positive integer")))
+    assert (error.field, error.value, str(error)) == ("steps", 0, "`steps`=0 is invalid; expected a positive integer")
     with pytest.raises(SettingError, match=r"^`steps`=1 is invalid"):
         decoding_config(base(), steps=1.0)  # a slider's 1.0 is the count 1
     with pytest.raises(SettingError) as info:

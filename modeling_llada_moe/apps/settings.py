@@ -41,6 +41,9 @@ class SettingError(ValueError):
         shown = shown if len(shown) <= 80 else shown[:77] + "..."
         super().__init__(f"`{field}`={shown} is invalid; {accepted}")
 
+    def __reduce__(self):  # pickled as its parts (a worker process hands it on)
+        return type(self), (self.field, self.value, self.accepted)
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # The settings: how each is read, what it accepts, the config fields it sets

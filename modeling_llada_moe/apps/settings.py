@@ -20,7 +20,7 @@ from transformers import GenerationConfig
 
 from .. import DiffusionGenerationConfig
 from ..generation_utils import DECODING_PRESETS, REMASKING_STRATEGIES, decoding_preset
-from ..validators import is_finite
+from ..validators import is_finite, is_int
 
 
 __all__ = ["CACHE_CHOICES", "DECODING_PRESETS", "REMASKING_STRATEGIES", "SettingError", "decoding_config"]
@@ -143,6 +143,8 @@ class _Setting:
 
 
 def _steps_accepted(config: DiffusionGenerationConfig) -> str:
+    if not (is_int(config.max_new_tokens) and is_int(config.block_length) and config.block_length > 0):
+        return "expected a positive integer, at most max_new_tokens (one token per step)"
     return (
         f"expected a positive integer, at least the number of blocks ({config.num_blocks}) and at most max_new_tokens="
         f"{config.max_new_tokens} (one token per step)"

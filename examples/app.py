@@ -42,16 +42,16 @@ import gradio as gr  # noqa: E402 (after the analytics switch)
 from denoise_viz import COMMITTED, MASKED, NEW, STOPPED, Cell, canvas_cells, step_colour, text_colour
 from transformers.generation.streamers import BaseStreamer
 
+from modeling_llada_moe import DiffusionGenerationConfig
 from modeling_llada_moe.apps.inference import (
     decode_completion,
     encode_prompt,
     end_of_turn_ids,
     load_model_and_tokenizer,
 )
-from modeling_llada_moe.generation_utils import DECODING_PRESETS, REMASKING_STRATEGIES, decoding_preset
+from modeling_llada_moe.apps.settings import CACHE_CHOICES, DECODING_PRESETS, REMASKING_STRATEGIES, decoding_config
 
 
-CACHE_CHOICES = ["none", "prefix", "dual"]
 PRESET_CHOICES = ["custom", *DECODING_PRESETS]  # "custom": the threshold / cache / temperature / remasking controls
 BLOCK_CHOICES = [4, 8, 16, 32, 64, 128]
 MASK_GLYPH = "▒▒"
@@ -99,7 +99,8 @@ PROGRESS_PREFIX = "*denoising…"
 
 
 def stream_generation(model, input_ids: torch.Tensor, **settings: Any) -> Iterator[tuple[str, Any]]:
-    """Run `model.diffusion_generate(input_ids, **settings)` in a worker thread and yield its progress as it happens:
+    """Run `model.diffusion_generate(input_ids, **settings)` (a `generation_config=` and / or its fields) in a worker
+    thread and yield its progress as it happens:
     `("step", canvas)` after every denoising step ([B, P + N] ids, masks in place), then `("done", output)` (a
     `DiffusionGenerateOutput`). An error in the worker (e.g. a `ValueError` for bad settings) is re-raised here;
     closing the iterator early stops the worker at its next step."""
@@ -115,7 +116,9 @@ def stream_generation(model, input_ids: torch.Tensor, **settings: Any) -> Iterat
 
     def work() -> None:
         try:
-            streamer = CanvasStreamer(input_ids.shape[1] + settings["max_new_tokens"], mask_id, on_step)
+            config = settings.get("generation_config") or model.generation_config
+            canvas = settings.get("max_new_tokens", config.max_new_tokens)
+            streamer = CanvasStreamer(input_ids.shape[1] + canvas, mask_id, on_step)
             output = model.diffusion_generate(input_ids, streamer=streamer, return_dict_in_generate=True, **settings)
             events.put(("done", output))
         except GenerationCancelled:
@@ -186,35 +189,18 @@ def decoding_settings(
     temperature: float,
     remasking: str,
     preset: str = "custom",
-) -> dict[str, Any]:
-    """`diffusion_generate` keywords from the UI controls: `steps` 0 = one token per step, `threshold` 0 = off,
-    `cache` one of none / prefix / dual; a `preset` other than "custom" (`DiffusionGenerationConfig.from_preset`)
-    replaces the threshold, cache, temperature and remasking controls. Raises `ValueError` naming a value the
-    controls cannot mean."""
-
-    def whole(name: str, value: float) -> int:
-        if value is None or float(value) != int(value):
-            raise ValueError(f"{name}={value!r}: expected a whole number")
-        return int(value)
-
-    if cache not in CACHE_CHOICES:
-        raise ValueError(f"cache={cache!r}: expected one of {CACHE_CHOICES}")
-    if remasking not in REMASKING_STRATEGIES:
-        raise ValueError(f"remasking={remasking!r}: expected one of {list(REMASKING_STRATEGIES)}")
-    if preset not in PRESET_CHOICES:
-        raise ValueError(f"preset={preset!r}: expected one of {PRESET_CHOICES}")
-    settings = {
-        "max_new_tokens": whole("max_new_tokens", max_new_tokens),
-        "block_length": whole("block_length", block_length),
-        "steps": whole("steps", steps) or None,
-        "threshold": float(threshold) or None,
-        "cache_implementation": None if cache == "none" else cache,
-        "temperature": float(temperature),
-        "remasking": remasking,
-    }
-    if preset != "custom":
-        settings.update(decoding_preset(preset))
-    return settings
+    base: Any = None,
+) -> DiffusionGenerationConfig:
+    """The `DiffusionGenerationConfig` of the UI controls over `base` (a model: its generation config; default
+    `DiffusionGenerationConfig()`): `steps` 0 = one token per step, `threshold` 0 = off, `cache` one of none / prefix
+    / dual; a `preset` other than "custom" (`DiffusionGenerationConfig.from_preset`) replaces the threshold, cache,
+    temperature and remasking controls. Raises `SettingError` (a `ValueError`) naming a value the controls cannot
+    mean."""
+    controls = dict(max_new_tokens=max_new_tokens, block_length=block_length, steps=steps or None)
+    if preset == "custom":
+        preset = None
+        controls.update(threshold=threshold or None, cache=cache, temperature=temperature, remasking=remasking)
+    return decoding_config(DiffusionGenerationConfig() if base is None else base, preset=preset, **controls)
 
 
 def build_demo(
@@ -235,7 +221,7 @@ def build_demo(
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError("build_demo: the tokenizer has no chat template; the demo needs one for multi-turn chat")
     if cache not in CACHE_CHOICES:
-        raise ValueError(f"build_demo: cache={cache!r}; expected one of {CACHE_CHOICES}")
+        raise ValueError(f"build_demo: cache={cache!r}; expected one of {list(CACHE_CHOICES)}")
     mask_id = model.generation_config.mask_token_id
     mask_id = model.config.mask_token_id if mask_id is None else mask_id
     turn_end = end_of_turn_ids(tokenizer)
@@ -251,18 +237,18 @@ def build_demo(
         turns = [turn for turn in turns if not turn["content"].startswith(PROGRESS_PREFIX)]
         turns.append({"role": "user", "content": message})
         try:
-            settings = decoding_settings(
-                max_new_tokens, block_length, steps, threshold, cache, temperature, remasking, preset
+            config = decoding_settings(
+                max_new_tokens, block_length, steps, threshold, cache, temperature, remasking, preset, base=model
             )
             input_ids = encode_prompt(tokenizer, messages=turns).to(model.device)
         except ValueError as err:
             raise gr.Error(str(err)) from err
         if stop and turn_end:  # stop decoding blocks once one holds an end of turn; the answer is unchanged
-            settings.update(stop_at_eos=True, eos_token_id=turn_end)
-        prompt_length, length = input_ids.shape[1], settings["max_new_tokens"]
+            config.update(stop_at_eos=True, eos_token_id=turn_end)
+        prompt_length, length = input_ids.shape[1], config.max_new_tokens
         started, previous, step, output = time.perf_counter(), None, 0, None
         try:
-            for kind, payload in stream_generation(model, input_ids, **settings):
+            for kind, payload in stream_generation(model, input_ids, generation_config=config):
                 if kind == "step":
                     step += 1
                     cells = canvas_cells(payload[0], previous, prompt_length, tokenizer, mask_id)
@@ -272,7 +258,7 @@ def build_demo(
                     status = f"step {step}: +{new} tokens, {done}/{length} unmasked"
                     progress = f"{PROGRESS_PREFIX} step {step}, {done}/{length} tokens*"
                     thinking = {"role": "assistant", "content": progress}
-                    yield [*turns, thinking], canvas_html(cells, settings["block_length"]), status, ""
+                    yield [*turns, thinking], canvas_html(cells, config.block_length), status, ""
                 else:
                     output = payload
         except ValueError as err:  # the settings diffusion_generate rejects (e.g. block length vs canvas)
@@ -287,7 +273,7 @@ def build_demo(
             f"{seconds:.1f} s"
         )
         reply = {"role": "assistant", "content": answer}
-        html_canvas = canvas_html(cells, settings["block_length"], output.unmask_step[0].tolist())
+        html_canvas = canvas_html(cells, config.block_length, output.unmask_step[0].tolist())
         yield [*turns, reply], html_canvas, status, ""
 
     with gr.Blocks(title=title) as demo:
@@ -340,15 +326,15 @@ def server_fields(
 ) -> dict[str, Any]:
     """The request fields of `llada-moe serve` for the UI controls (`decoding_settings`' arguments, checked the same
     way): a preset other than "custom" goes by name and replaces threshold, cache, temperature and remasking."""
-    settings = decoding_settings(max_new_tokens, block_length, steps, threshold, cache, temperature, remasking, preset)
-    fields = {"max_tokens": settings["max_new_tokens"], "block_length": settings["block_length"]}
-    if settings["steps"] is not None:
-        fields["steps"] = settings["steps"]
+    config = decoding_settings(max_new_tokens, block_length, steps, threshold, cache, temperature, remasking, preset)
+    fields = {"max_tokens": config.max_new_tokens, "block_length": config.block_length}
+    if config.steps is not None:
+        fields["steps"] = config.steps
     if preset != "custom":
         return {**fields, "preset": preset}
-    fields.update(temperature=settings["temperature"], remasking=settings["remasking"], cache=cache)
-    if settings["threshold"] is not None:
-        fields["threshold"] = settings["threshold"]
+    fields.update(temperature=config.temperature, remasking=config.remasking, cache=cache)
+    if config.threshold is not None:
+        fields["threshold"] = config.threshold
     return fields
 
 

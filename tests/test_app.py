@@ -120,7 +120,7 @@ def test_chat_reports_bad_settings(served):
     client = served[0]
     with pytest.raises(AppError, match=r"`steps`=1 is invalid; expected a positive integer, at least the number"):
         client.predict("t1", [], 24, 16, 1, 0, "none", 0.0, "low_confidence", True, api_name="/chat")
-    with pytest.raises(AppError, match=r"steps=2.5: expected a whole number"):
+    with pytest.raises(AppError, match=r"`steps`=2.5 is invalid; expected a positive integer"):
         client.predict("t1", [], 16, 8, 2.5, 0, "none", 0.0, "low_confidence", True, api_name="/chat")
 
 

@@ -423,17 +423,18 @@ def test_every_strategy_terminates_and_never_commits_the_mask_token(tied, kwargs
 
 
 def test_cli_preset_flag_applies_the_preset_under_explicit_flags(capsys):
-    from modeling_llada_moe.apps.cli import build_parser, decoding_kwargs
+    from modeling_llada_moe.apps.cli import build_parser, decoding_fields, flags_config
 
     parser = build_parser()
+    base = DiffusionGenerationConfig(threshold=0.5, cache_implementation="prefix")
     args = parser.parse_args(["generate", "--model", "m", "--preset", "dinfer", "--threshold", "0.8", "hi"])
-    kwargs = decoding_kwargs(args)
-    assert (kwargs["threshold"], kwargs["low_threshold"], kwargs["cache_vicinity"]) == (0.8, 0.62, (16, 16))
+    config = flags_config(base, decoding_fields(args))
+    assert (config.threshold, config.low_threshold, config.cache_vicinity) == (0.8, 0.62, (16, 16))
     args = parser.parse_args(["generate", "--model", "m", "--preset", "dinfer", "--cache", "none", "hi"])
-    kwargs = decoding_kwargs(args)
-    assert (kwargs["cache_implementation"], kwargs["cache_vicinity"], kwargs["cache_warmup_steps"]) == (None, None, 0)
-    DiffusionGenerationConfig(**kwargs).validate()
-    assert "cache_implementation" not in decoding_kwargs(parser.parse_args(["generate", "--model", "m", "hi"]))
+    config = flags_config(base, decoding_fields(args))
+    assert (config.cache_implementation, config.cache_vicinity, config.cache_warmup_steps) == (None, None, 0)
+    kept = flags_config(base, decoding_fields(parser.parse_args(["generate", "--model", "m", "hi"])))
+    assert (kept.threshold, kept.cache_implementation) == (0.5, "prefix")  # flags left out keep the base's
     with pytest.raises(SystemExit):
         parser.parse_args(["generate", "--model", "m", "--preset", "fastdllm", "hi"])
     assert "invalid choice: 'fastdllm'" in capsys.readouterr().err
@@ -450,25 +451,23 @@ def test_lm_eval_model_takes_a_preset():
     assert (lm.generation_config.threshold, lm.generation_config.cache_mode) == (0.9, "dual")
     lm = LLaDAMoELM(pretrained=model, tokenizer=tiny_tokenizer(), block_length=4, preset="llada")
     assert (lm.generation_config.threshold, lm.generation_config.cache_mode) == (None, None)
-    with pytest.raises(ValueError, match="unknown preset 'fast'"):
+    with pytest.raises(ValueError, match="`preset`='fast' is invalid; expected one of"):
         LLaDAMoELM(pretrained=model, tokenizer=tiny_tokenizer(), preset="fast")
 
 
 def test_demo_decoding_settings_take_a_preset():
     pytest.importorskip("gradio")
-    import importlib.util
     import os
 
-    from conftest import ROOT
+    from conftest import load_example
 
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
-    spec = importlib.util.spec_from_file_location("llada_moe_app", ROOT / "examples" / "app.py")
-    app = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(app)
+    load_example("denoise_viz")  # app.py imports it from beside itself
+    app = load_example("app")
     settings = app.decoding_settings(64, 32, 0, 0.0, "none", 0.0, "low_confidence", "fast_dllm")
-    assert (settings["threshold"], settings["cache_implementation"], settings["max_new_tokens"]) == (0.9, "dual", 64)
-    assert app.decoding_settings(64, 32, 0, 0.5, "none", 0.0, "low_confidence")["threshold"] == 0.5
-    with pytest.raises(ValueError, match="preset='x'"):
+    assert (settings.threshold, settings.cache_implementation, settings.max_new_tokens) == (0.9, "dual", 64)
+    assert app.decoding_settings(64, 32, 0, 0.5, "none", 0.0, "low_confidence").threshold == 0.5
+    with pytest.raises(ValueError, match="`preset`='x'"):
         app.decoding_settings(64, 32, 0, 0.0, "none", 0.0, "low_confidence", "x")
 
 

@@ -17,7 +17,6 @@ import gc
 import json
 import math
 import os
-import re
 import runpy
 import sys
 import time
@@ -27,8 +26,8 @@ from typing import Any
 import torch
 from transformers import AutoModel, PreTrainedTokenizerBase, TextStreamer
 
+from .. import DiffusionGenerationConfig
 from ..configuration_llada_moe import LLaDAMoEConfig
-from ..generation_utils import DECODING_PRESETS, REMASKING_STRATEGIES, DiffusionGenerationConfig, decoding_preset
 from ..modeling_llada_moe import LLaDAMoEForMaskedLM
 from .hub import hub_token, login_help, push_folder
 from .inference import (
@@ -45,6 +44,7 @@ from .inference import (
     load_model_and_tokenizer,
 )
 from .inference import load_tokenizer as load_tokenizer_folder
+from .settings import CACHE_CHOICES, DECODING_PRESETS, REMASKING_STRATEGIES, SettingError, decoding_config
 
 
 DEFAULT_MODEL = "inclusionAI/LLaDA-MoE-7B-A1B-Instruct"
@@ -54,18 +54,10 @@ BENCHMARKS = {
     "moe": "the MoE block alone per experts backend, bf16 and NF4, against the memory-bandwidth bound (GPU)",
     "serve": "llada-moe serve: requests/s and p50/p95 latency, batched vs --max-batch-size 1 (tiny model on CPU)",
 }
-# Decoding flags whose value is the `DiffusionGenerationConfig` field of the same name (dashes for underscores).
-PLAIN_DECODING_FIELDS = (
-    "max_new_tokens",
-    "steps",
-    "block_length",
-    "temperature",
-    "top_k",
-    "top_p",
-    "cfg_scale",
-    "remasking",
-    "threshold",
-    "factor",
+# The destinations of the decoding flags: the user-facing settings `settings.decoding_config` takes, by their names.
+DECODING_FLAGS = (
+    "preset", "max_new_tokens", "steps", "block_length", "temperature", "top_k", "top_p", "cfg_scale", "remasking",
+    "threshold", "factor", "cache", "stop_at_eos",
 )
 
 
@@ -175,7 +167,7 @@ def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
         "--cache",
         "--use-cache",  # the old name of the flag
         dest="cache",
-        choices=("none", "prefix", "dual"),
+        choices=CACHE_CHOICES,
         help="approximate KV cache refreshed at each block start (cache_implementation; default none, exact)",
     )
     group.add_argument(
@@ -197,20 +189,21 @@ def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def decoding_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """The `DiffusionGenerationConfig` fields the parsed decoding flags set; flags left out are not in the dict."""
-    kwargs = decoding_preset(args.preset) if getattr(args, "preset", None) else {}
-    kwargs.update({name: getattr(args, name) for name in PLAIN_DECODING_FIELDS if getattr(args, name) is not None})
-    if args.cache is not None and kwargs.get("cache_implementation") and args.cache == "none":
-        # --cache none over a cached preset: its cache-only knobs go too
-        kwargs.update(cache_refresh_interval=None, cache_vicinity=None, cache_warmup_steps=0)
-    if args.cache is not None:
-        kwargs["cache_implementation"] = None if args.cache == "none" else args.cache
-        kwargs["use_cache"] = args.cache != "none"
-    kwargs["stop_at_eos"] = args.stop_at_eos
-    if args.stop_strings:
-        kwargs["stop_strings"] = list(args.stop_strings)
-    return kwargs
+def decoding_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings the parsed decoding flags give (`--preset` included; flags left out are not in the dict)."""
+    return {name: getattr(args, name) for name in DECODING_FLAGS if getattr(args, name, None) is not None}
+
+
+def flags_config(
+    base: LLaDAMoEForMaskedLM | DiffusionGenerationConfig, fields: dict[str, Any]
+) -> DiffusionGenerationConfig:
+    """`settings.decoding_config` over `base` (a model: its generation config); a `ValueError` names the flag (e.g.
+    `--steps=1 is invalid; expected a positive integer, at least the number of blocks (2) ...`)."""
+    try:
+        return decoding_config(base, **fields)
+    except SettingError as err:
+        flag = "--stop" if err.field == "stop_strings" else "--" + err.field.replace("_", "-")
+        raise ValueError(f"decoding flags: {flag}={err.value!r} is invalid; {err.accepted}") from err
 
 
 def generation_config(
@@ -219,28 +212,11 @@ def generation_config(
     """The model's generation config with the flags applied and `<|role_end|>` as a stop string, validated.
 
     Raises `ValueError` naming the flag (e.g. `--steps=1 ... at least the number of blocks (2)`)."""
-    kwargs = decoding_kwargs(args)
-    stops = kwargs.get("stop_strings", model.generation_config.stop_strings) or []
+    stops = args.stop_strings or model.generation_config.stop_strings or []
     stops = [stops] if isinstance(stops, str) else list(stops)
     if END_OF_TURN in tokenizer.get_vocab() and END_OF_TURN not in stops:
         stops.append(END_OF_TURN)
-    kwargs["stop_strings"] = stops or None
-    return resolve_decoding(model, None, kwargs)
-
-
-def resolve_decoding(
-    model: LLaDAMoEForMaskedLM, base: DiffusionGenerationConfig | None, kwargs: dict[str, Any]
-) -> DiffusionGenerationConfig:
-    """`base` (default: the model's generation config) with the flags' `kwargs` applied, validated; a `ValueError`
-    names the flag (e.g. `--steps=1 ... at least the number of blocks (2)`)."""
-    try:
-        # The same copy-override-validate `diffusion_generate` applies to its keyword arguments.
-        return model._resolve_generation_config(base, kwargs)
-    except (ValueError, TypeError) as err:
-        flags = {name: "--" + name.replace("_", "-") for name in PLAIN_DECODING_FIELDS}
-        flags.update(use_cache="--cache", cache_implementation="--cache")
-        message = re.sub(r"`(\w+)`", lambda m: flags.get(m.group(1), m.group(0)), str(err))
-        raise ValueError(message.replace("DiffusionGenerationConfig: ", "decoding flags: ")) from err
+    return flags_config(model, {**decoding_fields(args), "stop_strings": stops or None})
 
 
 def sampling_generator(args: argparse.Namespace, model: LLaDAMoEForMaskedLM) -> torch.Generator | None:
@@ -475,12 +451,10 @@ def run_serve(args: argparse.Namespace) -> int:
     except ImportError as err:
         raise ImportError(f"`llada-moe serve` needs the serve extra: pip install 'llada-moe[serve]' ({err})") from err
     model, tokenizer = load(args)
-    kwargs = decoding_kwargs(args)  # --preset, then the flags
-    stops = kwargs.pop("stop_strings", [])
     options = ServeOptions(
         model_name=args.served_model_name or args.model,
-        defaults=resolve_decoding(model, None, kwargs),
-        stop=tuple(stops),
+        defaults=flags_config(model, decoding_fields(args)),  # --preset, then the flags
+        stop=tuple(args.stop_strings),
         seed=args.seed,
         max_batch_size=args.max_batch_size,
         batch_window_ms=args.batch_window_ms,

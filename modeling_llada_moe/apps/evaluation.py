@@ -12,7 +12,6 @@ own, started from here: `python -m modeling_llada_moe.apps.evaluation --model ll
 
 from __future__ import annotations
 
-import copy
 import inspect
 import logging
 import math
@@ -35,9 +34,11 @@ from lm_eval.models.utils import (
 from tqdm import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from .. import DiffusionGenerationConfig
 from ..forward_process import example_generator
-from ..generation_utils import DiffusionGenerationConfig, decoding_preset
+from ..validators import is_int
 from .inference import completion_ids, end_of_turn_ids, load_model_and_tokenizer, pick_device
+from .settings import decoding_config
 
 
 logger = logging.getLogger(__name__)
@@ -45,11 +46,15 @@ logger = logging.getLogger(__name__)
 GREEDY_CHECKS = ("off", "decode", "one_step")
 DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's HF default when a task sets no max_gen_toks
 MC_BATCH_SIZE = 32  # LLaDA's lm-eval batch of masked copies
-# Generation settings a task (or `--gen_kwargs`) may set per request; max-token aliases are lm-eval's.
+# Decoding settings a task (or `--gen_kwargs`) may set per request, by `settings.decoding_config`'s names.
+DECODING_GEN_KWARGS = (
+    "steps", "block_length", "remasking", "threshold", "factor", "cfg_scale", "top_k", "top_p", "use_cache",
+    "cache_implementation",
+)
+# Every gen_kwarg accepted; the max-token aliases, `until` and `do_sample` are lm-eval's.
 GEN_KWARGS = frozenset(
     {"until", "max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens", "do_sample", "temperature"}
-    | {"top_k", "top_p", "steps", "block_length", "remasking", "threshold", "factor", "cfg_scale", "use_cache"}
-    | {"cache_implementation"}
+    | set(DECODING_GEN_KWARGS)
 )
 
 
@@ -72,35 +77,11 @@ def rolling_windows(tokens: list[int], prefix: list[int], max_length: int) -> li
     return windows
 
 
-def set_canvas(config: DiffusionGenerationConfig, max_gen_toks: int) -> None:
-    """Canvas for `max_gen_toks` tokens: whole blocks of `block_length` (one block when shorter than that)."""
-    config.block_length = min(positive_int(config.block_length, "block_length"), max_gen_toks)
-    config.max_new_tokens = math.ceil(max_gen_toks / config.block_length) * config.block_length
-
-
-def set_cache(config: DiffusionGenerationConfig, settings: dict) -> None:
-    """Apply the `use_cache` / `cache_implementation` of model arguments or gen_kwargs (strings from the command
-    line: "none" / "false" turn the cache off; the old `use_cache=prefix|dual` names the kind)."""
-    use_cache, kind = settings.get("use_cache"), settings.get("cache_implementation")
-    if isinstance(use_cache, str) and use_cache.lower() in ("prefix", "dual"):
-        use_cache, kind = True, use_cache.lower()
-    if isinstance(use_cache, str):
-        use_cache = {"none": False, "false": False, "true": True}.get(use_cache.lower(), use_cache)
-    if isinstance(kind, str) and kind.lower() == "none":
-        use_cache, kind = False, None
-    if kind is not None:
-        config.cache_implementation, config.use_cache = kind, True
-    if use_cache is not None:
-        config.use_cache = use_cache
-        if use_cache is False:
-            config.cache_implementation = None
-
-
-def positive_int(value: Any, name: str) -> int:
-    """`value` as an int >= 1 (lm-eval hands model arguments over as strings or numbers), else a ValueError."""
+def count(value: Any, name: str) -> int:
+    """`value` as an int >= 1, also from its digits (lm-eval's command line passes some arguments as text)."""
     if isinstance(value, str) and value.strip().isdigit():
         value = int(value)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    if not is_int(value) or value < 1:
         raise ValueError(f"{name}={value!r}: expected a positive integer")
     return value
 
@@ -184,10 +165,10 @@ class LLaDAMoELM(TemplateLM):
         # Arguments that need no model are checked before loading one.
         if isinstance(batch_size, str) and not batch_size.strip().isdigit():
             raise ValueError(f"batch_size={batch_size!r}: expected an integer ('auto' is not supported)")
-        self.batch_size = positive_int(batch_size, "batch_size")
-        self.mc_num = positive_int(mc_num, "mc_num")
+        self.batch_size = count(batch_size, "batch_size")
+        self.mc_num = count(mc_num, "mc_num")
         self.mc_batch_size = math.gcd(self.mc_num, MC_BATCH_SIZE) if mc_batch_size is None else mc_batch_size
-        self.mc_batch_size = positive_int(self.mc_batch_size, "mc_batch_size")
+        self.mc_batch_size = count(self.mc_batch_size, "mc_batch_size")
         if self.mc_num % self.mc_batch_size:
             raise ValueError(f"mc_batch_size={self.mc_batch_size} must divide mc_num={self.mc_num}")
         greedy_check = {True: "decode", False: "off", None: "off"}.get(greedy_check, greedy_check)
@@ -198,17 +179,26 @@ class LLaDAMoELM(TemplateLM):
         if max_new_tokens is not None and gen_length is not None and max_new_tokens != gen_length:
             raise ValueError(f"max_new_tokens={max_new_tokens} and gen_length={gen_length} are aliases; give one")
         canvas = max_new_tokens if max_new_tokens is not None else gen_length
-        self.fixed_canvas = positive_int(canvas, "max_new_tokens") if canvas is not None else None
-        self._max_length = positive_int(max_length, "max_length") if max_length is not None else None
+        self.fixed_canvas = count(canvas, "max_new_tokens") if canvas is not None else None
+        self._max_length = count(max_length, "max_length") if max_length is not None else None
 
         self._model, self.tokenizer = self._load(pretrained, tokenizer, device, dtype, bits, trust_remote_code)
         self._device = self._model.device
         if self.max_length < 2:
             raise ValueError(f"max_length={self.max_length}: expected at least 2 tokens")
-        self.preset = decoding_preset(preset) if preset is not None else {}  # ValueError naming the accepted ones
-        knobs = dict(block_length=block_length, remasking=remasking, threshold=threshold, factor=factor)
-        knobs.update(temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale)
-        self.generation_config = self._base_generation_config(knobs, steps, use_cache, cache_implementation)
+        settings = dict(block_length=block_length, remasking=remasking, threshold=threshold, factor=factor)
+        settings.update(temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale)
+        settings.update(use_cache=use_cache, cache_implementation=cache_implementation)
+        self.preset, self.steps = preset, steps  # steps counts steps of each request's canvas: applied per request
+        # The model's generation config, the preset, then the model arguments (a SettingError names a bad one).
+        self.generation_config = decoding_config(
+            self._model, preset=preset, steps=None, stop_strings=None,
+            **{name: value for name, value in settings.items() if value is not None},
+        )
+        self.generation_config.update(num_return_sequences=1, return_dict_in_generate=False, output_history=False)
+        # Checked once up front, on the fixed canvas or one block (steps only against a fixed canvas).
+        self._canvas_config(self.generation_config, self.fixed_canvas or self.generation_config.block_length,
+                            self.steps if self.fixed_canvas else None)
         self._warned: set[str] = set()
 
     # ------------------------------------------------------------------------------------------------ set-up
@@ -249,28 +239,6 @@ class LLaDAMoELM(TemplateLM):
             logger.warning("device=%r but CUDA is not available: using the CPU", device)
             return torch.device("cpu")
         return pick_device(device)
-
-    def _base_generation_config(self, knobs: dict, steps, use_cache, cache_implementation) -> DiffusionGenerationConfig:
-        """The model's generation config with the given model arguments applied, validated once up front."""
-        config = self._model.generation_config
-        if not isinstance(config, DiffusionGenerationConfig):
-            config = DiffusionGenerationConfig.from_dict(config.to_dict())
-        config = copy.deepcopy(config)
-        for name, value in self.preset.items():  # all of them: a preset also turns off what it does not use
-            setattr(config, name, value)
-        for name, value in knobs.items():
-            if value is not None:
-                setattr(config, name, value)
-        config.steps = steps  # counts steps of the canvas, so a saved value for another canvas length never applies
-        set_cache(config, {"use_cache": use_cache, "cache_implementation": cache_implementation})
-        config.do_sample = config.stop_strings = None
-        config.num_return_sequences, config.return_dict_in_generate, config.output_history = 1, False, False
-        trial = copy.deepcopy(config)
-        set_canvas(trial, self.fixed_canvas or positive_int(trial.block_length, "block_length"))
-        if self.fixed_canvas is None:
-            trial.steps = None  # steps is checked against each request's canvas
-        trial.validate()
-        return config
 
     # ---------------------------------------------------------------------------------------- lm-eval interface
     @property
@@ -470,25 +438,29 @@ class LLaDAMoELM(TemplateLM):
         kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
         eos_text = self.tokenizer.decode([self.eot_token_id]) if self.eot_token_id is not None else None
         until = handle_stop_sequences(kwargs.pop("until", None), eos=eos_text)
-        max_gen_toks = self.fixed_canvas or positive_int(kwargs.pop("max_gen_toks"), "max_gen_toks")
+        max_gen_toks = self.fixed_canvas or count(kwargs.pop("max_gen_toks"), "max_gen_toks")
 
-        config = copy.deepcopy(self.generation_config)
+        settings = {name: kwargs[name] for name in DECODING_GEN_KWARGS if name in kwargs}  # over the model args
+        steps = settings.pop("steps", self.steps)
         if "temperature" in gen_kwargs or "do_sample" in gen_kwargs:  # the task's choice beats the model argument
-            config.temperature = float(kwargs.get("temperature", 0.0))
-            if kwargs["do_sample"] and config.temperature == 0:
+            settings["temperature"] = float(kwargs.get("temperature", 0.0))
+            if kwargs["do_sample"] and settings["temperature"] == 0:
                 raise ValueError(f"gen_kwargs {gen_kwargs}: do_sample=True needs a temperature > 0")
-        for name in ("steps", "block_length", "remasking", "threshold", "factor", "cfg_scale", "top_k", "top_p"):
-            if name in kwargs:
-                setattr(config, name, kwargs[name])
-        set_cache(config, kwargs)
-        if config.temperature == 0:
-            config.top_k = config.top_p = None
-        set_canvas(config, max_gen_toks)
+        if settings.get("temperature", self.generation_config.temperature) == 0:
+            settings.update(top_k=None, top_p=None)  # greedy: the model arguments' sampling filters do not apply
+        config = decoding_config(self.generation_config, **settings)
         stops = end_of_turn_ids(self.tokenizer) or config.eos_token_id
-        config.eos_token_id, config.stop_at_eos = stops, stops is not None and stops != []
-        config.stop_strings = [stop for stop in until if stop] or None
-        config.validate()
-        return config, until, max_gen_toks
+        config.update(eos_token_id=stops, stop_at_eos=stops is not None and stops != [],
+                      stop_strings=[stop for stop in until if stop] or None)
+        return self._canvas_config(config, max_gen_toks, steps), until, max_gen_toks
+
+    @staticmethod
+    def _canvas_config(config: DiffusionGenerationConfig, max_gen_toks: int, steps: int | None):
+        """`config` with a canvas for `max_gen_toks` tokens, whole blocks of its block length (one block when
+        shorter), and `steps` denoising steps for it (None: one token per step)."""
+        block = min(config.block_length, max_gen_toks)
+        canvas = math.ceil(max_gen_toks / block) * block
+        return decoding_config(config, max_new_tokens=canvas, block_length=block, steps=steps)
 
     def _left_padded(self, contexts: tuple[str, ...], canvas: int) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, P] prompt ids left-padded to the longest (cut from the left to fit `max_length` with the canvas)."""

@@ -5,7 +5,9 @@
         -d '{"model": "inclusionAI/LLaDA-MoE-7B-A1B-Instruct", "messages": [{"role": "user", "content": "Hi!"}]}'
 
 Endpoints: `POST /v1/chat/completions`, `POST /v1/completions` (streamed as server-sent events, one delta per
-finished block), `GET /v1/models`, `GET /health`, `GET /metrics` (Prometheus text format).
+finished block), `GET /v1/models`, `GET /health`, `GET /metrics` (Prometheus text format). Request and response
+bodies are the pydantic models of `protocol.py`; a request FastAPI cannot validate is answered 400 with OpenAI's error
+body naming the field, and the decoding fields go through `settings.decoding_config` over the server's defaults.
 
 Dynamic batching: one worker thread owns the model. Requests whose decoding settings are equal (canvas length, steps,
 block length, remasking, parallel rule, cache, sampling; a seeded request always runs alone, so its seed reproduces)
@@ -19,71 +21,58 @@ batch goes on for the other rows.
 from __future__ import annotations
 
 import asyncio
+import copy
 import hmac
 import json
 import logging
-import math
-import re
 import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from transformers import PreTrainedTokenizerBase, StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
-from ..generation_utils import REMASKING_STRATEGIES, DiffusionGenerationConfig, decoding_preset
+from .. import DiffusionGenerationConfig
 from ..modeling_llada_moe import LLaDAMoEForMaskedLM
+from ..validators import is_int
 from .inference import end_of_turn_ids
+from .protocol import (
+    MAX_CHOICES,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatDelta,
+    ChatMessage,
+    Completion,
+    CompletionChoice,
+    CompletionChunk,
+    CompletionRequest,
+    DecodingFields,
+    ErrorResponse,
+    GenerationRequest,
+    ModelCard,
+    ModelList,
+    Usage,
+)
+from .protocol import Message as ChatTurn
+from .settings import SettingError, decoding_config
 
 
 logger = logging.getLogger("llada_moe.serve")
-
-MAX_CHOICES = 16  # rows one request may ask for: n x prompts
-MAX_STOPS = 4  # OpenAI's limit on `stop`
-CACHE_CHOICES = ("none", "prefix", "dual")
-# Request fields that set the `DiffusionGenerationConfig` field of the same name.
-NUMBER_FIELDS = {
-    "temperature": ("a number >= 0 (0 = greedy)", lambda v: v >= 0),
-    "top_p": ("a number in (0, 1]", lambda v: 0 < v <= 1),
-    "threshold": ("a number in (0, 1]", lambda v: 0 < v <= 1),
-    "factor": ("a number > 0", lambda v: v > 0),
-    "cfg_scale": ("a number >= 0", lambda v: v >= 0),
-}
-INTEGER_FIELDS = ("steps", "block_length", "top_k")
-# Standard OpenAI fields this server has no use for, accepted only with the value that means "off".
-NEUTRAL_FIELDS = {
-    "presence_penalty": (0,),
-    "frequency_penalty": (0,),
-    "logprobs": (None, False),
-    "top_logprobs": (None, 0),
-    "logit_bias": (None, {}),
-    "tools": (None, []),
-    "tool_choice": (None, "none"),
-    "parallel_tool_calls": (None, False),
-    "response_format": (None, {"type": "text"}),
-    "store": (None, False),
-    "echo": (None, False),
-    "best_of": (None, 1),
-    "suffix": (None, ""),
-}
-DECODING_FIELDS = ("steps", "block_length", "threshold", "factor", "cache", "remasking", "cfg_scale", "top_k", "preset")
-COMMON_FIELDS = (
-    "model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "seed", "n", "stream",
-    "stream_options", "user", *NEUTRAL_FIELDS, *DECODING_FIELDS,
-)
-CHAT_FIELDS = ("messages", *COMMON_FIELDS)
-COMPLETION_FIELDS = ("prompt", *COMMON_FIELDS)
-# Config fields named in a `DiffusionGenerationConfig` error -> the request field that set them.
-REQUEST_NAMES = {"max_new_tokens": "max_tokens", "cache_implementation": "cache", "use_cache": "cache"}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -91,53 +80,60 @@ REQUEST_NAMES = {"max_new_tokens": "max_tokens", "cache_implementation": "cache"
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class APIError(Exception):
-    """An HTTP error answered with OpenAI's error body."""
+class APIError(StarletteHTTPException):
+    """An HTTP error answered with OpenAI's error body. An `HTTPException`, so that FastAPI passes one raised while it
+    reads the body (the body limit) on to the handler."""
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
                  kind: str = "invalid_request_error", headers: dict[str, str] | None = None):
-        super().__init__(message)
+        super().__init__(status, message, headers)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
-        self.headers = headers
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+        error = {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}
+        return ErrorResponse(error=error).model_dump()
+
+
+def shown(value: Any) -> str:
+    """`value` as JSON for an error message: at most 80 characters, lone surrogates escaped."""
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    text = text if len(text) <= 80 else text[:77] + "..."
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def bad(param: str, value: Any, accepted: str) -> APIError:
     """400 naming the field, its value and what is accepted."""
-    shown = json.dumps(value, ensure_ascii=False, default=str)
-    shown = shown if len(shown) <= 80 else shown[:77] + "..."
-    return APIError(400, f"`{param}`={shown} is invalid; expected {accepted}", param=param, code="invalid_value")
+    return APIError(400, f"`{param}`={shown(value)} is invalid; expected {accepted}", param=param, code="invalid_value")
 
 
-def is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def field_path(loc: Sequence[str | int]) -> str | None:
+    """The request field a pydantic error location names: ("body", "messages", 0, "role") -> "messages[0].role"."""
+    path = ""
+    for part in loc[1:] if loc[:1] == ("body",) else loc:
+        path += f"[{part}]" if isinstance(part, int) else f".{part}" if path else str(part)
+    return path or None
 
 
-def is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def same_value(given: Any, neutral: Any) -> bool:
-    """`given` is `neutral` in JSON terms (0 and 0.0 alike; true is not 1)."""
-    if neutral is None or isinstance(neutral, bool):
-        return given is neutral
-    if is_int(neutral):
-        return is_number(given) and given == neutral
-    return type(given) is type(neutral) and given == neutral
-
-
-def check_text(param: str, value: Any) -> str:
-    """A string that can be encoded (JSON allows lone surrogates, which no tokenizer takes)."""
-    if not isinstance(value, str):
-        raise bad(param, value, "a string")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as err:
-        raise APIError(400, f"`{param}` holds a lone surrogate ({err.reason}); expected valid Unicode text",
-                       param=param, code="invalid_value") from err
-    return value
+def invalid_request(errors: Sequence[dict[str, Any]]) -> APIError:
+    """The 400 of a `RequestValidationError`: its first error, naming the field."""
+    error = errors[0]
+    kind, message = error["type"], error["msg"]
+    if kind == "json_invalid":
+        return APIError(400, f"the request body is not valid JSON: {error.get('ctx', {}).get('error', message)}",
+                        code="invalid_json")
+    param = field_path(error["loc"])
+    if param is None:
+        sent = "not sent as JSON (Content-Type: application/json)" if isinstance(error.get("input"), bytes) else (
+            f"{message[:1].lower()}{message[1:]}")
+        return APIError(400, f"the request body must be a JSON object of the request's fields; it is {sent}",
+                        code="invalid_body")
+    if kind == "missing":
+        return APIError(400, f"`{param}` is required", param=param, code="missing_field")
+    if kind == "extra_forbidden":
+        return APIError(400, f"`{param}` is an unknown field", param=param, code="unknown_field")
+    message = message[:1].lower() + message[1:]
+    return APIError(400, f"`{param}`={shown(error['input'])} is invalid; {message}", param=param,
+                    code="invalid_value")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -525,63 +521,44 @@ class ServeOptions:
     api_key: str | None = None
     max_body_bytes: int = 1 << 20
 
-
 class Server:
-    """Turns OpenAI request bodies into jobs for the `Scheduler` and their events into OpenAI responses."""
+    """Turns validated OpenAI requests into jobs for the `Scheduler` and their events into OpenAI responses."""
 
     def __init__(self, model: LLaDAMoEForMaskedLM, tokenizer: PreTrainedTokenizerBase, options: ServeOptions):
         self.model, self.tokenizer, self.options = model, tokenizer, options
-        if options.defaults is not None:
-            base = options.defaults
-        else:  # stop decoding a row once a block holds its end of turn: the answer is the same, sooner
-            base = model._resolve_generation_config(None, {"stop_at_eos": True})
+        # Default: stop decoding a row once a block holds its end of turn: the answer is the same, sooner.
+        base = options.defaults if options.defaults is not None else decoding_config(model, stop_at_eos=True)
         eos = base.eos_token_id if base.eos_token_id is not None else model.config.eos_token_id
         eos = [] if eos is None else [eos] if is_int(eos) else list(eos)
         self.end_ids = set(end_of_turn_ids(tokenizer)) | set(eos)
         pad = base.pad_token_id if base.pad_token_id is not None else model.config.pad_token_id
         # Rows stop at an end of turn (EOS or <|role_end|>); the answer up to it is the same either way.
-        fixed = {"eos_token_id": sorted(self.end_ids) or None, "pad_token_id": pad if pad is not None else
-                 (sorted(self.end_ids)[0] if self.end_ids else None), "stop_strings": None,
-                 "num_return_sequences": 1, "return_dict_in_generate": False, "output_history": False}
-        self.base = model._resolve_generation_config(base, fixed)
+        self.base = copy.deepcopy(base)
+        self.base.update(eos_token_id=sorted(self.end_ids) or None, pad_token_id=pad if pad is not None else
+                         (sorted(self.end_ids)[0] if self.end_ids else None), stop_strings=None,
+                         num_return_sequences=1, return_dict_in_generate=False, output_history=False)
         self.tokenizer_lock = threading.Lock()
         self.mask_id = self.base.mask_token_id if self.base.mask_token_id is not None else model.config.mask_token_id
         self.metrics = Metrics()
         self.scheduler = Scheduler(model, tokenizer, self.metrics, options.max_batch_size, options.batch_window_ms,
                                    options.max_queue)
 
-    # -- parsing --------------------------------------------------------------------------------------------------
+    # -- requests -------------------------------------------------------------------------------------------------
 
-    def parse(self, body: Any, kind: str, loop: asyncio.AbstractEventLoop) -> Job:
-        if not isinstance(body, dict):
-            raise APIError(400, f"the request body must be a JSON object, got {type(body).__name__}",
-                           code="invalid_body")
-        accepted = CHAT_FIELDS if kind == "chat.completion" else COMPLETION_FIELDS
-        unknown = sorted(set(body) - set(accepted))
-        if unknown:
-            raise APIError(400, f"unknown field(s) {unknown}; accepted are {sorted(accepted)}", param=unknown[0],
-                           code="unknown_field")
-        for name, neutral in NEUTRAL_FIELDS.items():
-            if name in body and not any(same_value(body[name], value) for value in neutral):
-                raise bad(name, body[name], f"{' or '.join(json.dumps(v) for v in neutral)}: not supported by "
-                          "masked-diffusion decoding")
-        if "model" not in body:
-            raise APIError(400, "`model` is required", param="model", code="missing_field")
-        if body["model"] != self.options.model_name:
-            check_text("model", body["model"])
-            raise APIError(404, f"`model`={body['model']!r} does not exist; this server serves "
+    def parse(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> Job:
+        """The job of a validated request; an `APIError` for what only the model can check (its name, the decoding
+        settings over the server's defaults, the prompt's tokens and length)."""
+        if request.model != self.options.model_name:
+            raise APIError(404, f"`model`={request.model!r} does not exist; this server serves "
                            f"{self.options.model_name!r}", param="model", code="model_not_found")
-        config = self.decoding_config(body)
-        prompts = self.chat_prompt(body) if kind == "chat.completion" else self.completion_prompts(body)
-        n = body.get("n", 1)
-        if n is None:
-            n = 1
-        if not is_int(n) or not 1 <= n <= MAX_CHOICES:
-            raise bad("n", n, f"an integer in [1, {MAX_CHOICES}]")
+        config = self.decoding_config(request)
+        chat = isinstance(request, ChatCompletionRequest)
+        prompts = self.chat_prompt(request.messages) if chat else [self.encode("prompt", p) for p in request.prompt]
+        n = request.n or 1
         if n * len(prompts) > MAX_CHOICES:
             raise bad("n", n, f"at most {MAX_CHOICES} choices in all (n x {len(prompts)} prompts)")
         limit = self.model.config.max_position_embeddings - self.scheduler.reserved_positions
-        where = "messages" if kind == "chat.completion" else "prompt"
+        where = "messages" if chat else "prompt"
         for prompt in prompts:
             if self.mask_id in prompt:
                 raise APIError(400, f"`{where}` holds the mask token (id {self.mask_id}), which a prompt may not hold",
@@ -594,128 +571,33 @@ class Server:
                                f"{self.model.config.max_position_embeddings}, less "
                                f"{self.scheduler.reserved_positions} for batching)", param=param,
                                code="context_length_exceeded")
-        seed = body.get("seed")
-        if seed is not None and (not is_int(seed) or not 0 <= seed < 2**63):
-            raise bad("seed", seed, "an integer in [0, 2**63)")
-        seed = self.options.seed if seed is None else seed
+        seed = self.options.seed if request.seed is None else request.seed
         if config.temperature == 0 and config.remasking != "random":
             seed = None  # greedy decoding draws nothing: no generator, and the job batches with any other
-        stream = body.get("stream", False)
-        if stream is None:
-            stream = False
-        if not isinstance(stream, bool):
-            raise bad("stream", stream, "true or false")
-        include_usage = False
-        options = body.get("stream_options")
-        if options is not None:
-            if not isinstance(options, dict) or set(options) - {"include_usage"} or not isinstance(
-                    options.get("include_usage", False), bool):
-                raise bad("stream_options", options, '{"include_usage": true|false}')
-            if not stream:
-                raise bad("stream_options", options, "to be left out unless `stream` is true")
-            include_usage = options.get("include_usage", False)
-        if body.get("user") is not None:
-            check_text("user", body["user"])
         rows = [Row(i * n + j, prompt) for i, prompt in enumerate(prompts) for j in range(n)]
-        return Job(kind=kind, rows=rows, config=config, stops=self.stop_strings(body), seed=seed, stream=stream,
-                   include_usage=include_usage, prompt_tokens=sum(map(len, prompts)), tokenizer=self.tokenizer,
-                   tokenizer_lock=self.tokenizer_lock, end_ids=self.end_ids, loop=loop, events=asyncio.Queue())
+        return Job(kind="chat.completion" if chat else "text_completion", rows=rows, config=config,
+                   stops=list(dict.fromkeys([*request.stop, *self.options.stop])), seed=seed,
+                   stream=bool(request.stream),
+                   include_usage=bool(request.stream_options and request.stream_options.include_usage),
+                   prompt_tokens=sum(map(len, prompts)), tokenizer=self.tokenizer, tokenizer_lock=self.tokenizer_lock,
+                   end_ids=self.end_ids, loop=loop, events=asyncio.Queue())
 
-    def stop_strings(self, body: dict) -> list[str]:
-        stop = body.get("stop")
-        if stop is None:
-            stops = []
-        elif isinstance(stop, str):
-            stops = [stop]
-        elif isinstance(stop, list) and len(stop) <= MAX_STOPS:
-            stops = list(stop)
-        else:
-            raise bad("stop", stop, f"a string or a list of at most {MAX_STOPS} strings")
-        for stop in stops:
-            if not isinstance(stop, str) or not stop:
-                raise bad("stop", body["stop"], f"a non-empty string or a list of at most {MAX_STOPS} of them")
-            check_text("stop", stop)
-        return list(dict.fromkeys([*stops, *self.options.stop]))
-
-    def decoding_config(self, body: dict) -> DiffusionGenerationConfig:
-        """The request's `DiffusionGenerationConfig`: the server's defaults (or the request's preset), then its
-        fields; a value the config refuses is a 400 naming the request field."""
-        kwargs: dict[str, Any] = {}
-        tokens = {name: body[name] for name in ("max_tokens", "max_completion_tokens") if body.get(name) is not None}
-        for name, value in tokens.items():
-            if not is_int(value) or value < 1:
-                raise bad(name, value, "a positive integer")
-        if len(set(tokens.values())) > 1:
-            raise APIError(400, f"`max_tokens`={tokens['max_tokens']} and `max_completion_tokens`="
-                           f"{tokens['max_completion_tokens']} disagree; pass one of them", param="max_tokens",
-                           code="invalid_value")
-        if tokens:
-            kwargs["max_new_tokens"] = next(iter(tokens.values()))
-        for name, (accepted, ok) in NUMBER_FIELDS.items():
-            value = body.get(name)
-            if value is None:
-                continue
-            if not is_number(value) or not ok(value):
-                raise bad(name, value, accepted)
-            kwargs[name] = float(value)
-        if kwargs.get("top_p") == 1.0:
-            del kwargs["top_p"]  # OpenAI's neutral value, also with greedy decoding
-        for name in INTEGER_FIELDS:
-            value = body.get(name)
-            if value is not None:
-                if not is_int(value) or value < 1:
-                    raise bad(name, value, "a positive integer")
-                kwargs[name] = value
-        remasking = body.get("remasking")
-        if remasking is not None:
-            if remasking not in REMASKING_STRATEGIES:
-                raise bad("remasking", remasking, f"one of {list(REMASKING_STRATEGIES)}")
-            kwargs["remasking"] = remasking
-        preset = body.get("preset")
-        if preset is not None:
-            check_text("preset", preset)
-            try:  # the preset's strategy fields over the server's defaults, then the request's own fields
-                kwargs = {**decoding_preset(preset), **kwargs}
-            except ValueError as err:
-                raise APIError(400, f"`preset`={preset!r}: {err}", param="preset", code="invalid_value") from err
-        cache = body.get("cache")
-        if cache is not None:
-            if cache not in CACHE_CHOICES:
-                raise bad("cache", cache, f"one of {list(CACHE_CHOICES)}")
-            if cache == "none" and kwargs.get("cache_implementation"):
-                # no cache over a cached preset: its cache-only knobs go too (as `--cache none` does)
-                kwargs.update(cache_refresh_interval=None, cache_vicinity=None, cache_warmup_steps=0)
-            kwargs["cache_implementation"] = None if cache == "none" else cache
-            kwargs["use_cache"] = cache != "none"
+    def decoding_config(self, request: GenerationRequest) -> DiffusionGenerationConfig:
+        """The request's `DiffusionGenerationConfig`: the server's defaults, the request's preset, then its decoding
+        fields; a value the settings refuse is a 400 naming the request field."""
+        fields = request.model_dump(include=set(DecodingFields.model_fields), exclude_none=True)
+        if fields.get("top_p") == 1:
+            del fields["top_p"]  # OpenAI's neutral value, also with greedy decoding
         try:
-            return self.model._resolve_generation_config(self.base, kwargs)
-        except (ValueError, TypeError) as err:
-            message = str(err).replace("DiffusionGenerationConfig: ", "")
-            found = re.search(r"`(\w+)`", message)
-            name = REQUEST_NAMES.get(found.group(1), found.group(1)) if found else None
-            message = re.sub(r"`(\w+)`", lambda m: f"`{REQUEST_NAMES.get(m.group(1), m.group(1))}`", message)
-            raise APIError(400, message, param=name, code="invalid_value") from err
+            return decoding_config(self.base, **fields)
+        except SettingError as err:
+            raise APIError(400, str(err), param=err.field, code="invalid_value") from err
 
-    def chat_prompt(self, body: dict) -> list[list[int]]:
-        messages = body.get("messages")
+    def chat_prompt(self, messages: list[ChatTurn]) -> list[list[int]]:
         if getattr(self.tokenizer, "chat_template", None) is None:
             raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions", param="messages",
                            code="no_chat_template")
-        if not isinstance(messages, list) or not messages:
-            raise bad("messages", messages, "a non-empty list of {\"role\", \"content\"} objects")
-        turns = []
-        for i, message in enumerate(messages):
-            where = f"messages[{i}]"
-            if not isinstance(message, dict):
-                raise bad(where, message, "an object with `role` and `content`")
-            extra = sorted(set(message) - {"role", "content"})
-            if extra:
-                raise bad(where, message, f"an object with `role` and `content` only (got {extra})")
-            role = message.get("role")
-            if role not in ("system", "developer", "user", "assistant"):
-                raise bad(f"{where}.role", role, "'system', 'developer', 'user' or 'assistant'")
-            turns.append({"role": "system" if role == "developer" else role,
-                          "content": self.content_text(f"{where}.content", message.get("content"))})
+        turns = [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in messages]
         try:
             with self.tokenizer_lock:
                 text = self.tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
@@ -723,28 +605,6 @@ class Server:
             raise APIError(400, f"the model's chat template refused these messages: {err}", param="messages",
                            code="invalid_value") from err
         return [self.encode("messages", text)]
-
-    @staticmethod
-    def content_text(where: str, content: Any) -> str:
-        """A message's text: a string, or a list of {"type": "text", "text": ...} parts."""
-        if isinstance(content, str):
-            return check_text(where, content)
-        if isinstance(content, list) and content:
-            parts = []
-            for i, part in enumerate(content):
-                if not isinstance(part, dict) or part.get("type") != "text" or set(part) != {"type", "text"}:
-                    raise bad(f"{where}[{i}]", part, '{"type": "text", "text": "..."} (text parts only)')
-                parts.append(check_text(f"{where}[{i}].text", part["text"]))
-            return "".join(parts)
-        raise bad(where, content, "a string or a non-empty list of text parts")
-
-    def completion_prompts(self, body: dict) -> list[list[int]]:
-        prompt = body.get("prompt")
-        if isinstance(prompt, str):
-            return [self.encode("prompt", check_text("prompt", prompt))]
-        if isinstance(prompt, list) and 0 < len(prompt) <= MAX_CHOICES and all(isinstance(p, str) for p in prompt):
-            return [self.encode("prompt", check_text("prompt", p)) for p in prompt]
-        raise bad("prompt", prompt, f"a string or a list of 1 to {MAX_CHOICES} strings")
 
     def encode(self, where: str, text: str) -> list[int]:
         with self.tokenizer_lock:
@@ -762,32 +622,25 @@ class Server:
             raise APIError(503, f"the server is busy: {err}; retry shortly", code="overloaded", kind="server_error",
                            headers={"Retry-After": "1"}) from err
 
-    def finish(self, job: Job) -> tuple[list[dict], dict]:
-        """(choices, usage) of a finished job."""
+    def finish(self, job: Job) -> tuple[list[tuple[int, str, str]], Usage]:
+        """(index, text, finish_reason) of each choice of a finished job, and its usage."""
         choices, completion = [], 0
         for row in job.rows:
             text, ids, ended = row.answer(job)
             completion += len(ids)
-            reason = "stop" if ended else "length"
-            if job.kind == "chat.completion":
-                choices.append({"index": row.index, "message": {"role": "assistant", "content": text.strip()},
-                                "finish_reason": reason, "logprobs": None})
-            else:
-                choices.append({"index": row.index, "text": text.strip(), "finish_reason": reason, "logprobs": None})
+            choices.append((row.index, text.strip(), "stop" if ended else "length"))
         prompt = job.prompt_tokens
         self.metrics.prompt_tokens.inc(prompt)
         self.metrics.completion_tokens.inc(completion)
         self.metrics.latency.observe(time.monotonic() - job.arrived)
-        return choices, {"prompt_tokens": prompt, "completion_tokens": completion,
-                         "total_tokens": prompt + completion}
+        return choices, Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
-    def envelope(self, job: Job, chunk: bool = False) -> dict[str, Any]:
+    def envelope(self, job: Job) -> dict[str, Any]:
         prefix = "chatcmpl-" if job.kind == "chat.completion" else "cmpl-"
-        kind = job.kind + (".chunk" if chunk and job.kind == "chat.completion" else "")
-        return {"id": prefix + job.id, "object": kind, "created": job.created, "model": self.options.model_name}
+        return {"id": prefix + job.id, "created": job.created, "model": self.options.model_name}
 
-    async def complete(self, job: Job) -> dict[str, Any] | None:
-        """The response body of a non-streamed job; None when it was cancelled (its client has gone)."""
+    async def complete(self, job: Job) -> ChatCompletion | Completion | None:
+        """The response of a non-streamed job; None when it was cancelled (its client has gone)."""
         while True:
             kind, payload = await job.events.get()
             if kind == "cancelled":
@@ -795,8 +648,15 @@ class Server:
             if kind == "error":
                 raise APIError(500, f"decoding failed: {payload}", code="decoding_failed", kind="server_error")
             if kind == "done":
-                choices, usage = self.finish(job)
-                return {**self.envelope(job), "choices": choices, "usage": usage}
+                break
+        choices, usage = self.finish(job)
+        if job.kind == "chat.completion":
+            return ChatCompletion(**self.envelope(job), object="chat.completion", usage=usage, choices=[
+                ChatChoice(index=index, message=ChatMessage(role="assistant", content=text), finish_reason=reason,
+                           logprobs=None) for index, text, reason in choices])
+        return Completion(**self.envelope(job), object="text_completion", usage=usage, choices=[
+            CompletionChoice(index=index, text=text, finish_reason=reason, logprobs=None)
+            for index, text, reason in choices])
 
     def delta(self, job: Job, row: Row, final: bool) -> str:
         """The text of `row` not streamed yet; held back while it may still change (trailing whitespace, a
@@ -817,17 +677,22 @@ class Server:
         new, row.sent = text[len(row.sent) :], text
         return new
 
-    def chunk(self, job: Job, index: int, text: str | None = None, reason: str | None = None,
-              role: bool = False) -> str:
+    def chunk(self, job: Job, index: int | None, text: str | None = None, reason: str | None = None,
+              role: bool = False, usage: Usage | None = None) -> str:
+        """One server-sent event: a choice's delta (or, with `index` None, the final usage chunk)."""
+        extra = {"usage": usage} if job.include_usage else {}  # unset fields are left out of the event
         if job.kind == "chat.completion":
-            delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
-            choice = {"index": index, "delta": delta, "finish_reason": reason, "logprobs": None}
+            delta = ChatDelta(content=text) if text else ChatDelta()  # the finish_reason chunk: an empty delta
+            if role:
+                delta = ChatDelta(role="assistant", content="")
+            choices = [] if index is None else [ChatChunkChoice(index=index, delta=delta, finish_reason=reason,
+                                                                logprobs=None)]
+            body = ChatCompletionChunk(**self.envelope(job), object="chat.completion.chunk", choices=choices, **extra)
         else:
-            choice = {"index": index, "text": text or "", "finish_reason": reason, "logprobs": None}
-        body = {**self.envelope(job, chunk=True), "choices": [choice]}
-        if job.include_usage:
-            body["usage"] = None
-        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+            choices = [] if index is None else [CompletionChoice(index=index, text=text or "", finish_reason=reason,
+                                                                 logprobs=None)]
+            body = CompletionChunk(**self.envelope(job), object="text_completion", choices=choices, **extra)
+        return f"data: {body.model_dump_json(exclude_unset=True)}\n\n"
 
     async def stream(self, job: Job, watcher: asyncio.Task) -> AsyncIterator[str]:
         try:
@@ -850,10 +715,10 @@ class Server:
                 if final:
                     break
             choices, usage = self.finish(job)
-            for choice in choices:
-                yield self.chunk(job, choice["index"], reason=choice["finish_reason"])
+            for index, _, reason in choices:
+                yield self.chunk(job, index, reason=reason)
             if job.include_usage:
-                yield f"data: {json.dumps({**self.envelope(job, chunk=True), 'choices': [], 'usage': usage})}\n\n"
+                yield self.chunk(job, None, usage=usage)
             yield "data: [DONE]\n\n"
         finally:
             watcher.cancel()
@@ -870,19 +735,32 @@ async def watch_disconnect(request: Request, on_disconnect: Callable[[], None]) 
             return
 
 
-async def read_body(request: Request, limit: int) -> Any:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise APIError(413, f"the request body ({declared} bytes) is larger than {limit} bytes", code="body_too_large")
-    data = bytearray()
-    async for chunk in request.stream():
-        data += chunk
-        if len(data) > limit:
-            raise APIError(413, f"the request body is larger than {limit} bytes", code="body_too_large")
-    try:
-        return json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as err:  # ValueError: also ints past 4300 digits
-        raise APIError(400, f"the request body is not valid JSON: {err}", code="invalid_json") from err
+class BodyLimit:
+    """ASGI middleware: a request body larger than `limit` bytes (as declared, or as it arrives) is answered 413. The
+    `APIError` is raised from `receive`, inside the route that reads the body, so the app's handler writes it."""
+
+    def __init__(self, app: ASGIApp, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length")
+        received = 0
+
+        async def limited() -> Message:
+            nonlocal received
+            if declared is not None and declared.isdigit() and int(declared) > self.limit:
+                raise APIError(413, f"the request body ({declared} bytes) is larger than {self.limit} bytes",
+                               code="body_too_large")
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                raise APIError(413, f"the request body is larger than {self.limit} bytes", code="body_too_large")
+            return message
+
+        await self.app(scope, limited, send)
 
 
 def create_app(model: LLaDAMoEForMaskedLM, tokenizer: PreTrainedTokenizerBase,
@@ -899,7 +777,10 @@ def create_app(model: LLaDAMoEForMaskedLM, tokenizer: PreTrainedTokenizerBase,
         yield
         await asyncio.get_running_loop().run_in_executor(None, server.scheduler.close)
 
-    app = FastAPI(title="llada-moe", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    # strict_content_type=False: a body sent without a Content-Type is read as JSON too (curl -d, some clients).
+    app = FastAPI(title="llada-moe", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
+                  strict_content_type=False)
+    app.add_middleware(BodyLimit, limit=options.max_body_bytes)
     app.state.server = server
 
     def answer(error: APIError, endpoint: str) -> JSONResponse:
@@ -909,6 +790,10 @@ def create_app(model: LLaDAMoEForMaskedLM, tokenizer: PreTrainedTokenizerBase,
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError) -> JSONResponse:
         return answer(error, request.url.path)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+        return answer(invalid_request(error.errors()), request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
@@ -921,7 +806,7 @@ def create_app(model: LLaDAMoEForMaskedLM, tokenizer: PreTrainedTokenizerBase,
         logger.exception("unexpected error on %s", request.url.path)
         return answer(APIError(500, f"internal error: {type(error).__name__}", kind="server_error"), request.url.path)
 
-    def authorize(request: Request) -> None:
+    async def authorize(request: Request) -> None:
         if options.api_key is None:
             return
         given = request.headers.get("authorization", "")
@@ -930,10 +815,8 @@ def create_app(model: LLaDAMoEForMaskedLM, tokenizer: PreTrainedTokenizerBase,
             raise APIError(401, "missing or wrong API key: send `Authorization: Bearer <key>`",
                            code="invalid_api_key", kind="authentication_error")
 
-    async def generate(request: Request, kind: str) -> Response:
-        authorize(request)
-        body = await read_body(request, options.max_body_bytes)
-        job = server.parse(body, kind, asyncio.get_running_loop())
+    async def generate(request: Request, body: GenerationRequest) -> Response:
+        job = server.parse(body, asyncio.get_running_loop())
         server.submit(job)
         watcher = asyncio.create_task(watch_disconnect(request, lambda: server.scheduler.cancel(job)))
         endpoint = request.url.path
@@ -949,21 +832,24 @@ def create_app(model: LLaDAMoEForMaskedLM, tokenizer: PreTrainedTokenizerBase,
             server.metrics.requests.labels(endpoint, "499").inc()
             return Response(status_code=499)
         server.metrics.requests.labels(endpoint, "200").inc()
-        return JSONResponse(result)
+        return JSONResponse(result.model_dump())
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
-        return await generate(request, "chat.completion")
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
 
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
-        return await generate(request, "text_completion")
+    @v1.post("/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        return await generate(request, body)
 
-    @app.get("/v1/models")
-    async def models(request: Request) -> dict[str, Any]:
-        authorize(request)
-        return {"object": "list", "data": [{"id": options.model_name, "object": "model", "created": 0,
-                                            "owned_by": "llada-moe"}]}
+    @v1.post("/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        return await generate(request, body)
+
+    @v1.get("/models")
+    async def models() -> ModelList:
+        return ModelList(object="list", data=[ModelCard(id=options.model_name, object="model", created=0,
+                                                        owned_by="llada-moe")])
+
+    app.include_router(v1)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:

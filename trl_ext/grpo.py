@@ -12,8 +12,9 @@ A masked-diffusion model has no tractable per-token log-probability, so every lo
 - `"elbo"`: `num_mc_samples` views with stratified masked-token counts l_j (LLaDA's count form, weight L / l_j),
   l_k = mean_j [k masked in view j] (L / l_j) log p_j(k): the per-token terms of the sequence ELBO, whose sum over
   the completion is the ELBO estimate. With `elbo_upper_bound` (SPG, arXiv 2510.09541), rows with a negative
-  advantage use the Renyi-type upper bound u_k = (1/`eubo_beta`) log sum_j w_jk p_j(k)^beta on the same views, so
-  pushing a bad completion down does not push down a lower bound.
+  advantage use an upper-bound term on the same views, u_k = W_k (1/`eubo_beta`) log sum_j (w_jk / W_k) p_j(k)^beta
+  (W_k = sum_j w_jk, the ELBO term's total weight; u_k >= l_k), so pushing a bad completion down does not push down
+  a lower bound.
 
 Masks are drawn from per-row seeds (`mask_seeds`, [B, num_iterations]) drawn at rollout time; inner iteration i uses
 seed i for the old, reference and current policy (the same masks: their ratio and KL are antithetic). The seeds and
@@ -317,11 +318,14 @@ def diffusion_token_logps(
         weights = views.weights.to(token_logps.dtype)
         estimate = (weights * token_logps).view(size, n, canvas_width).sum(1)
         if upper_bound_rows is not None and estimator == "elbo" and upper_bound_rows[start:end].any():
-            # EUBO_k = (1/beta) log sum_j w_jk p_jk^beta (0 where no view masks k), on the same views.
-            log_w = torch.where(weights > 0, weights.clamp(min=1e-30).log(), float("-inf"))
-            terms = (log_w + eubo_beta * token_logps).view(size, n, canvas_width)
-            any_view = (weights > 0).view(size, n, canvas_width).any(1)
-            eubo = torch.where(any_view, torch.logsumexp(terms, dim=1) / eubo_beta, torch.zeros_like(estimate))
+            # EUBO_k = W_k (1/beta) log sum_j (w_jk / W_k) p_jk^beta with W_k = sum_j w_jk (0 where no view masks
+            # k): the ELBO term's weight on a power mean of the token's probabilities, >= the ELBO term (Jensen).
+            total = weights.view(size, n, canvas_width).sum(1)
+            share = weights.view(size, n, canvas_width) / total.clamp(min=1e-30)[:, None]
+            log_share = torch.where(share > 0, share.clamp(min=1e-30).log(), float("-inf"))
+            terms = log_share + eubo_beta * token_logps.view(size, n, canvas_width)
+            power_mean = torch.logsumexp(terms, dim=1) / eubo_beta
+            eubo = torch.where(total > 0, total * power_mean, torch.zeros_like(estimate))
             flagged = upper_bound_rows[start:end].to(estimate.device)[:, None]
             estimate = torch.where(flagged, eubo, estimate)
         all_logps.append(estimate)

@@ -380,3 +380,27 @@ def test_rl_raises_held_out_exact_match(tmp_path, format_model_state, estimator)
         assert after < before + 0.05
     else:
         assert after >= before + 0.2
+
+
+# ---- examples/grpo.py ----
+
+
+def test_example_tiny_smoke(tmp_path, monkeypatch, capsys):
+    """The offline demo runs end to end (2 steps), with a built-in and a module:function reward; a bad reference is
+    refused."""
+    grpo = load_example("grpo")
+    assert grpo.resolve_reward("test_grpo:even_tokens") is even_tokens
+    assert grpo.numeric_match(["so it is 1,200.", "no"], ["#### 1200", "#### 3"]) == [1.0, 0.0]
+    with pytest.raises(ValueError, match="reward_funcs"):
+        grpo.resolve_reward("no_such_reward")
+    argv = [
+        "grpo.py", "--tiny", "--output_dir", str(tmp_path), "--use_cpu", "--bf16", "false", "--report_to", "none",
+        "--max_steps", "2", "--per_device_train_batch_size", "8", "--num_generations", "4", "--logging_steps", "1",
+        "--reward_funcs", "exact_match", "test_grpo:even_tokens", "--reward_weights", "1.0", "0.1",
+        "--likelihood_estimator", "elbo", "--disable_tqdm", "true",
+    ]
+    monkeypatch.setattr("sys.argv", argv)
+    grpo.main()
+    out = capsys.readouterr().out
+    assert "held-out exact match before GRPO" in out and "held-out exact match after GRPO" in out
+    assert (tmp_path / "model.safetensors").exists()

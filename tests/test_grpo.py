@@ -404,3 +404,31 @@ def test_example_tiny_smoke(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "held-out exact match before GRPO" in out and "held-out exact match after GRPO" in out
     assert (tmp_path / "model.safetensors").exists()
+
+
+# ---- benchmarks/rl.py ----
+
+
+def test_rl_benchmark_table(capsys):
+    from benchmarks.rl import main
+
+    main(["--samples", "1", "2", "--repeats", "3", "--rows", "4", "--steps", "1", "--sft_steps", "10"])
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split() for line in lines if line.split() and line.split()[0] in ("d1", "coupled", "elbo")]
+    variance_rows = [row for row in rows if len(row) == 6]
+    assert [(row[0], row[1], row[2]) for row in variance_rows] == [
+        ("d1", "1", "1"), ("d1", "2", "2"), ("coupled", "1", "3"), ("coupled", "2", "6"), ("elbo", "1", "1"),
+        ("elbo", "2", "2"),
+    ]
+    assert all(float(row[4]) >= 0 and float(row[5]) >= 0 for row in variance_rows)
+    assert [row[0] for row in rows if len(row) == 3] == ["d1", "coupled", "elbo"]  # rollout / update seconds
+
+
+def test_rl_benchmark_runs_as_a_script():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "benchmarks/rl.py", "--help"], cwd=root, capture_output=True, text=True)
+    assert out.returncode == 0 and "--samples" in out.stdout

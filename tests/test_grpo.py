@@ -178,6 +178,38 @@ def test_construction_and_references(tmp_path):
     assert not any(p.requires_grad for p in trainer.ref_model.parameters())
 
 
+def test_conversational_prompts(tmp_path):
+    """Conversational prompts go through the chat template; completions reach the rewards as assistant messages."""
+    from modeling_llada_moe.apps.tiny_task import LING_CHAT_TEMPLATE
+
+    seen = []
+
+    def reward(completions, **kwargs):
+        seen.extend(completions)
+        return even_tokens([completion[0]["content"] for completion in completions])
+
+    rows = [{"prompt": [{"role": "user", "content": row["prompt"]}]} for row in reversal_rows(16, 0)]
+    trainer = DiffusionGRPOTrainer(
+        tiny_model(0, vocab_size=128), reward_funcs=reward, args=grpo_config(tmp_path, max_steps=1),
+        train_dataset=Dataset.from_list(rows), processing_class=tiny_tokenizer(LING_CHAT_TEMPLATE),
+    )
+    trainer.train()
+    assert seen and seen[0][0]["role"] == "assistant"
+    assert trainer.state.log_history[0]["rollout/nfe"] > 0
+
+
+def test_evaluate(tmp_path):
+    """Evaluation generates, scores and computes the loss with the first mask seed (no buffering)."""
+    trainer = DiffusionGRPOTrainer(
+        tiny_model(0), reward_funcs=even_tokens, args=grpo_config(tmp_path, per_device_eval_batch_size=8, beta=0.04),
+        train_dataset=Dataset.from_list(reversal_rows(16, 0)), eval_dataset=Dataset.from_list(reversal_rows(8, 1)),
+        processing_class=tiny_tokenizer(), ref_model=tiny_model(0),
+    )
+    metrics = trainer.evaluate()
+    assert "eval_loss" in metrics and metrics["eval_kl"] == 0.0  # policy == reference, the same masks
+    assert metrics["eval_rollout/nfe"] > 0
+
+
 # ---- the estimators ----
 
 

@@ -438,6 +438,19 @@ def test_example_tiny_smoke(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "model.safetensors").exists()
 
 
+def test_example_trains_in_two_processes_with_accelerate(tmp_path):
+    """DDP (2 CPU processes over gloo), full fine-tuning with a reference model and two inner iterations."""
+    from test_examples_and_benchmarks import launch_two_processes
+
+    out = launch_two_processes(
+        "examples/grpo.py", "--tiny", "--output_dir", str(tmp_path), "--use_cpu", "--bf16", "false", "--report_to",
+        "none", "--max_steps", "2", "--per_device_train_batch_size", "8", "--num_generations", "4", "--beta", "0.04",
+        "--num_iterations", "2", "--disable_tqdm", "true",
+    )
+    assert "training on 2 process(es)" in out and "held-out exact match after GRPO" in out
+    assert (tmp_path / "model.safetensors").exists()
+
+
 # ---- benchmarks/rl.py ----
 
 

@@ -173,9 +173,10 @@ def test_construction_and_references(tmp_path):
         make_trainer(tmp_path, ref_model=tiny_model(0))  # beta=0 needs none
     with pytest.raises(ValueError, match="args must be a DiffusionGRPOConfig"):
         DiffusionGRPOTrainer(tiny_model(0), reward_funcs=exact_match, args=None, processing_class=tiny_tokenizer())
-    trainer = make_trainer(tmp_path, beta=0.04, ref_model=tiny_model(0))
-    assert trainer.beta == 0.04 and trainer.ref_model is not None
+    trainer = make_trainer(tmp_path, beta=0.04, ref_model=tiny_model(0), sync_ref_model=True)
+    assert trainer.beta == 0.04 and trainer.ref_model is not None and trainer.args.sync_ref_model
     assert not any(p.requires_grad for p in trainer.ref_model.parameters())
+    assert any(type(c).__name__ == "SyncRefModelCallback" for c in trainer.callback_handler.callbacks)
 
 
 def test_conversational_prompts(tmp_path):

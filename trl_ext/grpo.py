@@ -433,9 +433,9 @@ class DiffusionGRPOTrainer(ShardedCheckpoints, GRPOTrainer):
         self._logps_context = None
         # GRPOTrainer builds a reference from `config._name_or_path` when beta > 0 and there is no adapter; with our
         # own reference, hide beta from it and put the reference in place afterwards.
-        beta, own_reference = args.beta, ref_model is not None
+        beta, sync, own_reference = args.beta, args.sync_ref_model, ref_model is not None
         if own_reference:
-            args.beta = 0.0
+            args.beta, args.sync_ref_model = 0.0, False
         try:
             super().__init__(
                 model,
@@ -452,7 +452,7 @@ class DiffusionGRPOTrainer(ShardedCheckpoints, GRPOTrainer):
                 rollout_func=rollout_func,
             )
         finally:
-            args.beta = beta
+            args.beta, args.sync_ref_model = beta, sync
         self.beta = beta
         if own_reference:
             ref_model.eval().requires_grad_(False)

@@ -71,19 +71,39 @@ def step_times(model_state, estimator: str, steps: int) -> tuple[float, float]:
     """Mean rollout and whole-step seconds of `steps` GRPO steps (8 prompts x 8 completions)."""
     model = tiny_model(0)
     model.load_state_dict(model_state)
-    rows = [{"prompt": f"t{a} t{b} t{c} t100", "answer": f"t{c} t{b} t{a}"}
-            for a in range(1, 11) for b in range(1, 11) for c in range(1, 3)]
+    rows = [
+        {"prompt": f"t{a} t{b} t{c} t100", "answer": f"t{c} t{b} t{a}"}
+        for a in range(1, 11)
+        for b in range(1, 11)
+        for c in range(1, 3)
+    ]
     with tempfile.TemporaryDirectory() as output_dir:
         args = DiffusionGRPOConfig(
-            output_dir=output_dir, report_to="none", use_cpu=True, bf16=False, per_device_train_batch_size=64,
-            num_generations=8, max_completion_length=DIGITS + 1, block_length=DIGITS + 1, diffusion_steps=DIGITS + 1,
-            max_steps=steps, logging_steps=1, save_strategy="no", gradient_checkpointing=False, disable_tqdm=True,
-            likelihood_estimator=estimator, learning_rate=3e-4,
+            output_dir=output_dir,
+            report_to="none",
+            use_cpu=True,
+            bf16=False,
+            per_device_train_batch_size=64,
+            num_generations=8,
+            max_completion_length=DIGITS + 1,
+            block_length=DIGITS + 1,
+            diffusion_steps=DIGITS + 1,
+            max_steps=steps,
+            logging_steps=1,
+            save_strategy="no",
+            gradient_checkpointing=False,
+            disable_tqdm=True,
+            likelihood_estimator=estimator,
+            learning_rate=3e-4,
         )
         trainer = DiffusionGRPOTrainer(
-            model, reward_funcs=lambda completions, answer, **kw: [float(c.split() == a.split())
-                                                                   for c, a in zip(completions, answer)],
-            args=args, train_dataset=Dataset.from_list(rows), processing_class=tiny_tokenizer(),
+            model,
+            reward_funcs=lambda completions, answer, **kw: [
+                float(c.split() == a.split()) for c, a in zip(completions, answer)
+            ],
+            args=args,
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tiny_tokenizer(),
         )
         trainer.remove_callback(PrinterCallback)  # the table is the output
         trainer.train()
@@ -114,8 +134,9 @@ def main(argv=None) -> None:
     print(f"{'estimator':<9} {'k':>3} {'fwd/example':>11} {'seq mean':>9} {'seq var':>9} {'grad var':>9}")
     for estimator in ESTIMATORS:
         for samples in args.samples:
-            seq_var, seq_mean, grad_var = variances(model, prompts, answers, advantages, estimator, samples,
-                                                    args.repeats)
+            seq_var, seq_mean, grad_var = variances(
+                model, prompts, answers, advantages, estimator, samples, args.repeats
+            )
             forwards = VIEWS_PER_ESTIMATOR[estimator](samples) * (samples if estimator != "elbo" else 1)
             print(f"{estimator:<9} {samples:>3} {forwards:>11} {seq_mean:>9.3f} {seq_var:>9.4f} {grad_var:>9.3f}")
     if args.steps:

@@ -149,9 +149,18 @@ def tiny_defaults(training_args: DiffusionGRPOConfig, parser) -> None:
     """The demo's canvas (three digits and EOS, one token per step) unless set on the command line."""
     given = {arg.lstrip("-").split("=")[0] for arg in sys.argv[1:] if arg.startswith("--")}
     defaults = dict(
-        max_completion_length=DIGITS + 1, block_length=DIGITS + 1, diffusion_steps=DIGITS + 1, temperature=1.0,
-        per_device_train_batch_size=64, num_generations=8, learning_rate=3e-4, lr_scheduler_type="constant",
-        max_steps=40, logging_steps=5, save_strategy="no", gradient_checkpointing=False,
+        max_completion_length=DIGITS + 1,
+        block_length=DIGITS + 1,
+        diffusion_steps=DIGITS + 1,
+        temperature=1.0,
+        per_device_train_batch_size=64,
+        num_generations=8,
+        learning_rate=3e-4,
+        lr_scheduler_type="constant",
+        max_steps=40,
+        logging_steps=5,
+        save_strategy="no",
+        gradient_checkpointing=False,
     )
     for name, value in defaults.items():
         if name not in given:

@@ -191,8 +191,11 @@ def test_conversational_prompts(tmp_path):
 
     rows = [{"prompt": [{"role": "user", "content": row["prompt"]}]} for row in reversal_rows(16, 0)]
     trainer = DiffusionGRPOTrainer(
-        tiny_model(0, vocab_size=128), reward_funcs=reward, args=grpo_config(tmp_path, max_steps=1),
-        train_dataset=Dataset.from_list(rows), processing_class=tiny_tokenizer(LING_CHAT_TEMPLATE),
+        tiny_model(0, vocab_size=128),
+        reward_funcs=reward,
+        args=grpo_config(tmp_path, max_steps=1),
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tiny_tokenizer(LING_CHAT_TEMPLATE),
     )
     trainer.train()
     assert seen and seen[0][0]["role"] == "assistant"
@@ -202,9 +205,13 @@ def test_conversational_prompts(tmp_path):
 def test_evaluate(tmp_path):
     """Evaluation generates, scores and computes the loss with the first mask seed (no buffering)."""
     trainer = DiffusionGRPOTrainer(
-        tiny_model(0), reward_funcs=even_tokens, args=grpo_config(tmp_path, per_device_eval_batch_size=8, beta=0.04),
-        train_dataset=Dataset.from_list(reversal_rows(16, 0)), eval_dataset=Dataset.from_list(reversal_rows(8, 1)),
-        processing_class=tiny_tokenizer(), ref_model=tiny_model(0),
+        tiny_model(0),
+        reward_funcs=even_tokens,
+        args=grpo_config(tmp_path, per_device_eval_batch_size=8, beta=0.04),
+        train_dataset=Dataset.from_list(reversal_rows(16, 0)),
+        eval_dataset=Dataset.from_list(reversal_rows(8, 1)),
+        processing_class=tiny_tokenizer(),
+        ref_model=tiny_model(0),
     )
     metrics = trainer.evaluate()
     assert "eval_loss" in metrics and metrics["eval_kl"] == 0.0  # policy == reference, the same masks
@@ -223,8 +230,9 @@ def test_estimator_shapes_and_determinism(estimator):
     kwargs = dict(estimator=estimator, mask_token_id=MASK, p_mask=0.5, num_mc_samples=3)
     seeds = torch.tensor([11, 12, 13])
     with torch.no_grad():
-        logps, entropy = diffusion_token_logps(model, prompts, prompt_mask, canvas, seeds, compute_entropy=True,
-                                               **kwargs)
+        logps, entropy = diffusion_token_logps(
+            model, prompts, prompt_mask, canvas, seeds, compute_entropy=True, **kwargs
+        )
         again, _ = diffusion_token_logps(model, prompts, prompt_mask, canvas, seeds, **kwargs)
         other, _ = diffusion_token_logps(model, prompts, prompt_mask, canvas, seeds + 100, **kwargs)
         # A row's estimate depends on its own seed only, not on the batch it is in or the chunking.
@@ -267,10 +275,12 @@ def test_elbo_estimate_is_unbiased_and_upper_bound_is_above():
     canvas = torch.tensor([[7, 6, 5]])
     kwargs = dict(estimator="elbo", mask_token_id=MASK, num_mc_samples=1)
     with torch.no_grad():
-        draws = torch.stack([
-            diffusion_token_logps(model, prompts, prompt_mask, canvas, torch.tensor([seed]), **kwargs)[0].sum()
-            for seed in range(300)
-        ])
+        draws = torch.stack(
+            [
+                diffusion_token_logps(model, prompts, prompt_mask, canvas, torch.tensor([seed]), **kwargs)[0].sum()
+                for seed in range(300)
+            ]
+        )
         exact = 0.0
         subsets = [(0,), (1,), (2,), (0, 1), (0, 2), (1, 2), (0, 1, 2)]
         for subset in subsets:
@@ -284,8 +294,13 @@ def test_elbo_estimate_is_unbiased_and_upper_bound_is_above():
         seeds = torch.arange(8)
         batch = (prompts.expand(8, -1), prompt_mask.expand(8, -1), canvas.expand(8, -1), seeds)
         lower, _ = diffusion_token_logps(model, *batch, **{**kwargs, "num_mc_samples": 4})
-        upper, _ = diffusion_token_logps(model, *batch, **{**kwargs, "num_mc_samples": 4},
-                                         upper_bound_rows=torch.ones(8, dtype=torch.bool), eubo_beta=1.0)
+        upper, _ = diffusion_token_logps(
+            model,
+            *batch,
+            **{**kwargs, "num_mc_samples": 4},
+            upper_bound_rows=torch.ones(8, dtype=torch.bool),
+            eubo_beta=1.0,
+        )
     sem = draws.std() / len(draws) ** 0.5
     assert abs(draws.mean().item() - exact) < 4 * sem.item()
     assert (upper.sum(-1) >= lower.sum(-1) - 1e-5).all()
@@ -299,8 +314,13 @@ def test_rows_stay_aligned_through_shuffle_and_split(tmp_path, estimator):
     """The seeds and the old / reference log-probs [B, mu, T] of a generation batch follow their rows through TRL's
     shuffle and split: recomputing each piece's log-probs from its own seeds gives back its stored ones."""
     trainer = make_trainer(
-        tmp_path, likelihood_estimator=estimator, num_iterations=2, beta=0.04, ref_model=tiny_model(0),
-        per_device_train_batch_size=4, gradient_accumulation_steps=2,
+        tmp_path,
+        likelihood_estimator=estimator,
+        num_iterations=2,
+        beta=0.04,
+        ref_model=tiny_model(0),
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
     )
     batch = next(iter(trainer.get_train_dataloader()))
     trainer.model.train()
@@ -323,7 +343,12 @@ def test_rows_stay_aligned_through_shuffle_and_split(tmp_path, estimator):
 
 def sgd_step_params(tmp_path, **overrides):
     trainer = make_trainer(
-        tmp_path, optim="sgd", learning_rate=0.5, max_steps=1, likelihood_estimator="elbo", reward=even_tokens,
+        tmp_path,
+        optim="sgd",
+        learning_rate=0.5,
+        max_steps=1,
+        likelihood_estimator="elbo",
+        reward=even_tokens,
         **overrides,
     )
     trainer.train()
@@ -344,8 +369,11 @@ def test_peft_lora_reference_is_the_base(tmp_path):
     from peft import LoraConfig
 
     trainer = make_trainer(
-        tmp_path, peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]), beta=0.04,
-        learning_rate=1e-2, reward=even_tokens,
+        tmp_path,
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+        beta=0.04,
+        learning_rate=1e-2,
+        reward=even_tokens,
     )
     base = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" not in n}
     lora = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_B" in n}
@@ -362,8 +390,15 @@ def test_resume_gives_the_same_losses(tmp_path):
     def losses(trainer):
         return [(entry["step"], entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]
 
-    settings = dict(max_steps=4, save_strategy="steps", save_steps=2, num_iterations=2, likelihood_estimator="d1",
-                    learning_rate=1e-3, reward=even_tokens)
+    settings = dict(
+        max_steps=4,
+        save_strategy="steps",
+        save_steps=2,
+        num_iterations=2,
+        likelihood_estimator="d1",
+        learning_rate=1e-3,
+        reward=even_tokens,
+    )
     full = make_trainer(tmp_path / "full", model=tiny_model(0), **settings)
     full.train()
     resumed = make_trainer(tmp_path / "full", model=tiny_model(0), **settings)
@@ -402,9 +437,16 @@ def test_rl_raises_held_out_exact_match(tmp_path, format_model_state, estimator)
     model = fresh_model(format_model_state)
     before = held_out_exact_match(model, tokenizer, held_out)
     trainer = make_trainer(
-        tmp_path, model=model, rows=2000, reward=shuffled(exact_match) if estimator == "control" else exact_match,
-        likelihood_estimator="d1" if estimator == "control" else estimator, per_device_train_batch_size=64,
-        num_generations=8, max_steps=40, logging_steps=10, learning_rate=3e-4,
+        tmp_path,
+        model=model,
+        rows=2000,
+        reward=shuffled(exact_match) if estimator == "control" else exact_match,
+        likelihood_estimator="d1" if estimator == "control" else estimator,
+        per_device_train_batch_size=64,
+        num_generations=8,
+        max_steps=40,
+        logging_steps=10,
+        learning_rate=3e-4,
     )
     trainer.train()
     after = held_out_exact_match(trainer.model, tokenizer, held_out)
@@ -427,10 +469,33 @@ def test_example_tiny_smoke(tmp_path, monkeypatch, capsys):
     with pytest.raises(ValueError, match="reward_funcs"):
         grpo.resolve_reward("no_such_reward")
     argv = [
-        "grpo.py", "--tiny", "--output_dir", str(tmp_path), "--use_cpu", "--bf16", "false", "--report_to", "none",
-        "--max_steps", "2", "--per_device_train_batch_size", "8", "--num_generations", "4", "--logging_steps", "1",
-        "--reward_funcs", "exact_match", "test_grpo:even_tokens", "--reward_weights", "1.0", "0.1",
-        "--likelihood_estimator", "elbo", "--disable_tqdm", "true",
+        "grpo.py",
+        "--tiny",
+        "--output_dir",
+        str(tmp_path),
+        "--use_cpu",
+        "--bf16",
+        "false",
+        "--report_to",
+        "none",
+        "--max_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "8",
+        "--num_generations",
+        "4",
+        "--logging_steps",
+        "1",
+        "--reward_funcs",
+        "exact_match",
+        "test_grpo:even_tokens",
+        "--reward_weights",
+        "1.0",
+        "0.1",
+        "--likelihood_estimator",
+        "elbo",
+        "--disable_tqdm",
+        "true",
     ]
     monkeypatch.setattr("sys.argv", argv)
     grpo.main()
@@ -444,9 +509,27 @@ def test_example_trains_in_two_processes_with_accelerate(tmp_path):
     from test_examples_and_benchmarks import launch_two_processes
 
     out = launch_two_processes(
-        "examples/grpo.py", "--tiny", "--output_dir", str(tmp_path), "--use_cpu", "--bf16", "false", "--report_to",
-        "none", "--max_steps", "2", "--per_device_train_batch_size", "8", "--num_generations", "4", "--beta", "0.04",
-        "--num_iterations", "2", "--disable_tqdm", "true",
+        "examples/grpo.py",
+        "--tiny",
+        "--output_dir",
+        str(tmp_path),
+        "--use_cpu",
+        "--bf16",
+        "false",
+        "--report_to",
+        "none",
+        "--max_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "8",
+        "--num_generations",
+        "4",
+        "--beta",
+        "0.04",
+        "--num_iterations",
+        "2",
+        "--disable_tqdm",
+        "true",
     )
     assert "training on 2 process(es)" in out and "held-out exact match after GRPO" in out
     assert (tmp_path / "model.safetensors").exists()
@@ -463,7 +546,11 @@ def test_rl_benchmark_table(capsys):
     rows = [line.split() for line in lines if line.split() and line.split()[0] in ("d1", "coupled", "elbo")]
     variance_rows = [row for row in rows if len(row) == 6]
     assert [(row[0], row[1], row[2]) for row in variance_rows] == [
-        ("d1", "1", "1"), ("d1", "2", "2"), ("coupled", "1", "3"), ("coupled", "2", "6"), ("elbo", "1", "1"),
+        ("d1", "1", "1"),
+        ("d1", "2", "2"),
+        ("coupled", "1", "3"),
+        ("coupled", "2", "6"),
+        ("elbo", "1", "1"),
         ("elbo", "2", "2"),
     ]
     assert all(float(row[4]) >= 0 and float(row[5]) >= 0 for row in variance_rows)

@@ -158,9 +158,7 @@ class DiffusionGRPOConfig(GRPOConfig):
         number("coupled_min_t", lambda v: 0 < v < 1, "a float in (0, 1)")
         number("coupled_max_t", lambda v: 0 < v < 1, "a float in (0, 1)")
         if self.coupled_max_t < self.coupled_min_t:
-            raise ValueError(
-                f"coupled_max_t={self.coupled_max_t!r}: expected >= coupled_min_t={self.coupled_min_t!r}"
-            )
+            raise ValueError(f"coupled_max_t={self.coupled_max_t!r}: expected >= coupled_min_t={self.coupled_min_t!r}")
         integer("num_mc_samples", lambda v: v >= 1, "a positive integer")
         if not isinstance(self.elbo_upper_bound, bool):
             raise ValueError(f"elbo_upper_bound={self.elbo_upper_bound!r}: expected True or False")
@@ -233,16 +231,16 @@ def build_views(
         first = row * views
         if estimator == "d1":
             level = torch.tensor([float(p_mask)])
-            noisy, _ = bernoulli_mask(prompt_cpu[row : row + 1], prompt_mask_cpu[row : row + 1], level, mask_token_id,
-                                      generator)
+            noisy, _ = bernoulli_mask(
+                prompt_cpu[row : row + 1], prompt_mask_cpu[row : row + 1], level, mask_token_id, generator
+            )
             noisy_prompt[first] = noisy[0]
             canvas_masked[first] = True
             weights[first] = 1.0
         elif estimator == "coupled":
             low, high = coupled_t_range
             t = low + (high - low) * float(torch.rand((), generator=generator))
-            _, part = bernoulli_mask(canvas_cpu[row : row + 1], everything, torch.tensor([t]), mask_token_id,
-                                     generator)
+            _, part = bernoulli_mask(canvas_cpu[row : row + 1], everything, torch.tensor([t]), mask_token_id, generator)
             part = part[0]
             canvas_masked[first] = True
             weights[first] = 0.5
@@ -256,7 +254,10 @@ def build_views(
             else:
                 counts = uniform_mask_counts(torch.tensor([canvas_width]), generator)
             _, masked = mask_target_positions(
-                canvas_cpu[row : row + 1].expand(views, -1), everything.expand(views, -1), counts, mask_token_id,
+                canvas_cpu[row : row + 1].expand(views, -1),
+                everything.expand(views, -1),
+                counts,
+                mask_token_id,
                 generator,
             )
             canvas_masked[first : first + views] = masked
@@ -268,9 +269,7 @@ def build_views(
         dim=1,
     )
     scored = torch.cat([torch.zeros(rows * views, prompt_width, dtype=torch.bool), canvas_masked], dim=1)
-    return LikelihoodViews(
-        noisy_ids.to(device), attention.to(device), scored.to(device), weights.to(device), views
-    )
+    return LikelihoodViews(noisy_ids.to(device), attention.to(device), scored.to(device), weights.to(device), views)
 
 
 def diffusion_token_logps(
@@ -300,13 +299,22 @@ def diffusion_token_logps(
     for start in range(0, rows, chunk_size):
         end = min(start + chunk_size, rows)
         views = build_views(
-            prompt_ids[start:end], prompt_mask[start:end], canvas_ids[start:end], seeds[start:end],
-            estimator=estimator, mask_token_id=mask_token_id, p_mask=p_mask, num_mc_samples=num_mc_samples,
+            prompt_ids[start:end],
+            prompt_mask[start:end],
+            canvas_ids[start:end],
+            seeds[start:end],
+            estimator=estimator,
+            mask_token_id=mask_token_id,
+            p_mask=p_mask,
+            num_mc_samples=num_mc_samples,
             coupled_t_range=coupled_t_range,
         )
         outputs = model(
-            input_ids=views.noisy_ids, attention_mask=views.attention_mask, logits_to_keep=views.scored,
-            use_cache=False, output_router_logits=False,
+            input_ids=views.noisy_ids,
+            attention_mask=views.attention_mask,
+            logits_to_keep=views.scored,
+            use_cache=False,
+            output_router_logits=False,
         )
         log_probs = torch.log_softmax(outputs.logits.float(), dim=-1)  # [M, V] the scored positions, row-major
         targets = views.noisy_ids.new_zeros(views.noisy_ids.shape)
@@ -538,7 +546,9 @@ class DiffusionGRPOTrainer(ShardedCheckpoints, GRPOTrainer):
             self._dist.summon_full_params(self.model_wrapped, recurse=False),
         ):
             output = unwrapped.diffusion_generate(
-                input_ids, attention_mask=attention_mask, generation_config=self.diffusion_generation_config,
+                input_ids,
+                attention_mask=attention_mask,
+                generation_config=self.diffusion_generation_config,
                 generator=generator,
             )
         seconds = time.perf_counter() - started
@@ -571,8 +581,9 @@ class DiffusionGRPOTrainer(ShardedCheckpoints, GRPOTrainer):
         extra = self.args.max_completion_length - completion_ids.shape[1]
         if extra <= 0:
             return completion_ids
-        return torch.cat([completion_ids, completion_ids.new_full((completion_ids.shape[0], extra),
-                                                                  self._tokenizer.pad_token_id)], 1)
+        return torch.cat(
+            [completion_ids, completion_ids.new_full((completion_ids.shape[0], extra), self._tokenizer.pad_token_id)], 1
+        )
 
     def token_logps(self, model, inputs: dict, seeds: torch.Tensor, compute_entropy: bool = False):
         """Per-token log-probability estimates [B, T] (and entropies) of the completions of a generation batch
@@ -584,14 +595,28 @@ class DiffusionGRPOTrainer(ShardedCheckpoints, GRPOTrainer):
             upper = (advantages if advantages.dim() == 1 else advantages[:, 0]) < 0
         chunk = self.args.per_device_train_batch_size if self.model.training else self.args.per_device_eval_batch_size
         logps, entropy = diffusion_token_logps(
-            model, inputs["prompt_ids"], inputs["prompt_mask"], self._canvas(inputs["completion_ids"]), seeds,
-            upper_bound_rows=upper, compute_entropy=compute_entropy, chunk_size=chunk, **self._estimator_kwargs(),
+            model,
+            inputs["prompt_ids"],
+            inputs["prompt_mask"],
+            self._canvas(inputs["completion_ids"]),
+            seeds,
+            upper_bound_rows=upper,
+            compute_entropy=compute_entropy,
+            chunk_size=chunk,
+            **self._estimator_kwargs(),
         )
         return logps[:, :width], (entropy[:, :width] if entropy is not None else None)
 
     def _get_per_token_logps_and_entropies(
-        self, model, input_ids, attention_mask, logits_to_keep, batch_size=None, compute_entropy=False,
-        compute_aux_loss=False, **kwargs,
+        self,
+        model,
+        input_ids,
+        attention_mask,
+        logits_to_keep,
+        batch_size=None,
+        compute_entropy=False,
+        compute_aux_loss=False,
+        **kwargs,
     ):
         if self._skip_parent_logps:  # TRL's rollout scoring: replaced by the per-iteration estimates
             return None, None, None

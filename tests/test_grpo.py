@@ -365,12 +365,22 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
         torch.testing.assert_close(accumulated[name], big[name], atol=1e-6, rtol=1e-5)
 
 
-def test_peft_lora_reference_is_the_base(tmp_path):
+@pytest.mark.parametrize("adapter", ["attention", "experts"])
+def test_peft_lora_reference_is_the_base(tmp_path, adapter):
+    """LoRA on the attention projections, or the package's per-expert LoRA: only the adapters train, and the
+    reference is the adapter-disabled base (KL 0 at the start, then positive)."""
     from peft import LoraConfig
 
+    from trl_ext.peft_experts import experts_lora_config
+
+    if adapter == "attention":
+        peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    else:
+        peft_config = experts_lora_config(r=2, target_modules=["experts"])
     trainer = make_trainer(
         tmp_path,
-        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+        peft_config=peft_config,
+        gradient_checkpointing=adapter == "attention",  # TRL's default, with PEFT's input-grad hook
         beta=0.04,
         learning_rate=1e-2,
         reward=even_tokens,

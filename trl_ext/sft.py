@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoConfig
 from trl import SFTConfig, SFTTrainer
 from trl.chat_template_utils import has_generation_markers
 
@@ -39,6 +40,21 @@ from modeling_llada_moe.forward_process import (
     masked_token_nll,
 )
 
+from .data_checks import (
+    CONVERSATION,
+    PROMPT,
+    RESPONSE,
+    TOKEN_IDS,
+    Column,
+    check_container,
+    check_dataset,
+    check_mask_token_id,
+    check_not_emptied,
+    check_prepared_tokens,
+    column_names,
+    dataset_name,
+    shorten,
+)
 from .sharded_checkpoints import ShardedCheckpoints
 
 
@@ -244,6 +260,28 @@ def _renders_like_training_template(tokenizer) -> bool:
     return True
 
 
+def _checked_formatting_func(formatting_func, name: str):
+    """`formatting_func` refusing (ValueError naming the row's values) a result that is not text to train on."""
+
+    def checked(example):
+        text = formatting_func(example)
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(
+                f"{name}: formatting_func returned {shorten(text)} for the row {shorten(example)}; expected a "
+                "non-empty string"
+            )
+        return text
+
+    return checked
+
+
+def _config_kwargs(args: DiffusionSFTConfig) -> dict:
+    """The keywords `SFTTrainer` loads a model given by name with, as far as they concern its config."""
+    init = args.model_init_kwargs or {}
+    kwargs = {key: init[key] for key in ("revision", "token", "cache_dir") if key in init}
+    return {"trust_remote_code": args.trust_remote_code, **kwargs}
+
+
 class DiffusionSFTTrainer(ShardedCheckpoints, SFTTrainer):
     """`SFTTrainer` with the LLaDA masked-diffusion objective. Logs `diffusion/masked_accuracy`, `diffusion/nll`,
     `diffusion/mask_ratio`, `aux/load_balance` and `aux/z_loss` besides TRL's metrics, gathered over processes.
@@ -284,7 +322,20 @@ class DiffusionSFTTrainer(ShardedCheckpoints, SFTTrainer):
     def __init__(self, model, args: DiffusionSFTConfig | None = None, data_collator=None, **kwargs):
         if args is None or not isinstance(args, DiffusionSFTConfig):
             raise ValueError(f"args must be a DiffusionSFTConfig, got {type(args).__name__}")
+        check_container(kwargs.get("train_dataset"), "train_dataset")
+        eval_dataset = kwargs.get("eval_dataset")
+        for key, dataset in eval_dataset.items() if isinstance(eval_dataset, dict) else [(None, eval_dataset)]:
+            if dataset is not None:
+                check_container(dataset, dataset_name("eval_dataset", key))
         config = getattr(model, "config", None)
+        if config is None and isinstance(model, str):
+            config = AutoConfig.from_pretrained(model, **_config_kwargs(args))
+        # Known before dataset preparation, which refuses rows holding the mask token.
+        self.mask_token_id = args.mask_token_id
+        if self.mask_token_id is None:
+            self.mask_token_id = getattr(config, "mask_token_id", None)
+        if self.mask_token_id is not None:
+            check_mask_token_id(self.mask_token_id, config=config, tokenizer=kwargs.get("processing_class"))
         saved = {name: getattr(config, name, None) for name in ("router_aux_loss_coef", "output_router_logits")}
         processing_class = kwargs.get("processing_class")
         eos = getattr(processing_class, "eos_token_id", None)
@@ -330,12 +381,24 @@ class DiffusionSFTTrainer(ShardedCheckpoints, SFTTrainer):
         for name, value in saved.items():
             if value is not None:
                 setattr(text_config, name, value)
-        self.mask_token_id = args.mask_token_id if args.mask_token_id is not None else text_config.mask_token_id
         if self.mask_token_id is None or not 0 <= self.mask_token_id < text_config.vocab_size:
             raise ValueError(
                 f"mask_token_id={self.mask_token_id} is not in the vocabulary [0, {text_config.vocab_size}); set "
                 "DiffusionSFTConfig.mask_token_id"
             )
+        check_mask_token_id(self.mask_token_id, config=text_config, tokenizer=self.processing_class)
+        if self._skip_prepare_dataset:  # tokenized by the caller: only the token ids can be checked
+            self.train_dataset = self._check_tokenized(self.train_dataset, "train_dataset")
+            if isinstance(self.eval_dataset, dict):
+                self.eval_dataset = {
+                    key: self._check_tokenized(data, dataset_name("eval_dataset", key))
+                    for key, data in self.eval_dataset.items()
+                }
+            elif self.eval_dataset is not None:
+                self.eval_dataset = self._check_tokenized(self.eval_dataset, "eval_dataset")
+
+    def _check_tokenized(self, dataset, name: str):
+        return check_prepared_tokens(dataset, dataset, name, ["input_ids"], self.mask_token_id)
 
     @staticmethod
     def _training_template(args: DiffusionSFTConfig, processing_class) -> str | None:
@@ -352,6 +415,64 @@ class DiffusionSFTTrainer(ShardedCheckpoints, SFTTrainer):
         if has_generation_markers(template) or not _renders_like_training_template(processing_class):
             return None
         return TRAINING_CHAT_TEMPLATE_PATH.read_text()
+
+    # ---- dataset checks ----
+
+    def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name_):
+        """TRL's preparation, after a one-pass check of the rows (a `ValueError` naming the row and column of a None,
+        a wrong type, an empty response, a conversation without an assistant turn, conversational and plain rows
+        mixed, the mask token) and followed by a scan of the token ids for the mask id."""
+        name = {"train": "train_dataset", "eval": "eval_dataset"}.get(dataset_name_) or dataset_name(
+            "eval_dataset", dataset_name_
+        )
+        check_container(dataset, name)
+        if formatting_func is not None:
+            formatting_func = _checked_formatting_func(formatting_func, name)
+        else:
+            dataset = check_dataset(
+                dataset,
+                name,
+                self._data_columns(dataset, name, args),
+                mask_token_id=self.mask_token_id,
+                tokenizer=processing_class,
+                require_assistant=bool(args.assistant_only_loss),
+            )
+        prepared = super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name_)
+        check_not_emptied(dataset, prepared, name, args.max_length, "the prompt")
+        if self.mask_token_id is None:
+            return prepared
+
+        def part(example, column, position):
+            labels = example.get("labels")
+            if labels is None or position >= len(labels):
+                return "text"
+            return "prompt" if labels[position] == -100 else "response"
+
+        return check_prepared_tokens(dataset, prepared, name, ["input_ids"], self.mask_token_id, part)
+
+    @staticmethod
+    def _data_columns(dataset, name: str, args: DiffusionSFTConfig) -> list[Column]:
+        """The columns TRL reads for this dataset's format, with their roles; a ValueError when none fits."""
+        present = column_names(dataset)
+        if "input_ids" in present:
+            return [Column("input_ids", TOKEN_IDS)]
+        if "prompt" in present or "completion" in present:
+            for needed in ("prompt", "completion"):
+                if needed not in present:
+                    raise ValueError(
+                        f"{name} has columns {present}: a prompt-completion dataset needs both 'prompt' and "
+                        f"'completion' (missing {needed!r})"
+                    )
+            return [Column("prompt", PROMPT), Column("completion", RESPONSE)]
+        for conversation in ("messages", "conversations"):
+            if conversation in present:
+                return [Column(conversation, CONVERSATION)]
+        if args.dataset_text_field in present:
+            return [Column(args.dataset_text_field, RESPONSE)]
+        raise ValueError(
+            f"{name} has columns {present}; expected a {args.dataset_text_field!r} column (dataset_text_field), a "
+            "'messages' column (conversations), 'prompt' and 'completion' columns, or tokenized 'input_ids'"
+        )
 
     # ---- the optimizer step's batch ----
 

@@ -44,6 +44,18 @@ from modeling_llada_moe.forward_process import (
     uniform_mask_counts,
 )
 
+from .data_checks import (
+    PROMPT,
+    RESPONSE,
+    Column,
+    check_container,
+    check_dataset,
+    check_mask_token_id,
+    check_not_emptied,
+    check_prepared_tokens,
+    column_names,
+    dataset_name,
+)
 from .sharded_checkpoints import ShardedCheckpoints
 
 
@@ -423,6 +435,10 @@ class VRPOTrainer(ShardedCheckpoints, DPOTrainer):
             raise ValueError("VRPOTrainer computes no causal logits for compute_metrics; read the logged eval metrics")
         if processing_class is None:
             raise ValueError("VRPOTrainer needs processing_class= (the tokenizer); it is not loaded from the model")
+        check_container(train_dataset, "train_dataset")
+        for key, dataset in eval_dataset.items() if isinstance(eval_dataset, dict) else [(None, eval_dataset)]:
+            if dataset is not None:
+                check_container(dataset, dataset_name("eval_dataset", key))
         if isinstance(model, str):
             from modeling_llada_moe import LLaDAMoEForMaskedLM
 
@@ -457,6 +473,7 @@ class VRPOTrainer(ShardedCheckpoints, DPOTrainer):
                 f"mask_token_id={self.mask_token_id} is not in the vocabulary [0, {config.vocab_size}); set "
                 "VRPOConfig.mask_token_id"
             )
+        check_mask_token_id(self.mask_token_id, config=config, tokenizer=processing_class)
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
         eos = tokenizer.eos_token_id
         if eos is None:
@@ -477,6 +494,37 @@ class VRPOTrainer(ShardedCheckpoints, DPOTrainer):
             optimizers=optimizers,
             quantization_config=quantization_config,
             peft_config=peft_config,
+        )
+
+    # ---- dataset checks ----
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name_):
+        """DPOTrainer's preparation, after a one-pass check of the rows (a `ValueError` naming the row and column of a
+        None, a wrong type, an empty `chosen` / `rejected`, one without an assistant turn, conversational and plain
+        rows mixed, the mask token) and followed by a scan of the token ids for the mask id."""
+        name = {"train": "train_dataset", "eval": "eval_dataset"}.get(dataset_name_) or dataset_name(
+            "eval_dataset", dataset_name_
+        )
+        check_container(dataset, name)
+        present = column_names(dataset)
+        missing = [column for column in ("chosen", "rejected") if column not in present]
+        if missing:
+            raise ValueError(
+                f"{name} has columns {present}: a preference dataset needs 'chosen' and 'rejected' (and 'prompt', or "
+                f"conversations that share their first turns); missing {missing}"
+            )
+        columns = [Column("prompt", PROMPT)] if "prompt" in present else []
+        dataset = check_dataset(
+            dataset,
+            name,
+            [*columns, Column("chosen", RESPONSE), Column("rejected", RESPONSE)],
+            mask_token_id=self.mask_token_id,
+            tokenizer=processing_class,
+        )
+        prepared = super()._prepare_dataset(dataset, processing_class, args, dataset_name_)
+        check_not_emptied(dataset, prepared, name, args.max_length, "the prompt")
+        return check_prepared_tokens(
+            dataset, prepared, name, ["prompt_ids", "chosen_ids", "rejected_ids"], self.mask_token_id
         )
 
     # ---- noisy copies and ELBOs ----

@@ -575,3 +575,29 @@ def test_rl_benchmark_runs_as_a_script():
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "benchmarks/rl.py", "--help"], cwd=root, capture_output=True, text=True)
     assert out.returncode == 0 and "--samples" in out.stdout
+
+
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        ([], r"train_dataset is empty"),
+        ([{"question": "t1 t2"}], r"train_dataset has no 'prompt' column"),
+        ([{"prompt": "t1 t2", "answer": "t2 t1"}, {"prompt": None, "answer": "t1"}], r"row 1, column 'prompt'.*None"),
+        ([{"prompt": "t1 t126 t2", "answer": "t2 t1"}], r"row 0, column 'prompt'.*mask token"),
+        ([{"prompt": 7, "answer": "t1"}], r"row 0, column 'prompt'.*int"),
+    ],
+)
+def test_bad_prompt_datasets_name_the_row_and_column(tmp_path, rows, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        DiffusionGRPOTrainer(
+            tiny_model(0), reward_funcs=exact_match, args=grpo_config(tmp_path),
+            train_dataset=Dataset.from_list(rows), processing_class=tiny_tokenizer(),
+        )
+
+
+def test_a_mask_id_equal_to_eos_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"mask_token_id=120 equals"):
+        DiffusionGRPOTrainer(
+            tiny_model(0), reward_funcs=exact_match, args=grpo_config(tmp_path, mask_token_id=120),
+            train_dataset=Dataset.from_list(reversal_rows(4, 0)), processing_class=tiny_tokenizer(),
+        )

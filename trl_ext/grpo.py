@@ -51,6 +51,7 @@ from modeling_llada_moe.forward_process import (
     uniform_mask_counts,
 )
 
+from .data_checks import PROMPT, Column, check_container, check_dataset, check_mask_token_id, column_names, dataset_name
 from .sharded_checkpoints import ShardedCheckpoints
 from .vrpo import forward_runs_another_module
 
@@ -348,6 +349,22 @@ def diffusion_token_logps(
     return torch.cat(all_logps), (torch.cat(all_entropy) if compute_entropy else None)
 
 
+def check_prompt_datasets(train_dataset, eval_dataset, mask_token_id: int, tokenizer) -> None:
+    """The prompt datasets, once before TRL reads them: a `datasets` dataset with rows and a `prompt` column, each
+    prompt a string or a list of messages (never None, never mixed), and no mask token in any prompt; a ValueError
+    names the dataset, the row and the column."""
+    named = [("train_dataset", train_dataset)]
+    if isinstance(eval_dataset, dict):
+        named += [(dataset_name("eval_dataset", key), dataset) for key, dataset in eval_dataset.items()]
+    elif eval_dataset is not None:
+        named.append(("eval_dataset", eval_dataset))
+    for name, dataset in named:
+        check_container(dataset, name)
+        if "prompt" not in column_names(dataset):
+            raise ValueError(f"{name} has no 'prompt' column (columns: {column_names(dataset)})")
+        check_dataset(dataset, name, [Column("prompt", PROMPT)], mask_token_id=mask_token_id, tokenizer=tokenizer)
+
+
 class DiffusionGRPOTrainer(ShardedCheckpoints, GRPOTrainer):
     """`GRPOTrainer` for LLaDA-MoE: rollouts from `diffusion_generate` (batched, left-padded prompts, seeded per
     generation batch, each row stopping at its end of turn), log-probabilities from a masked-diffusion estimator
@@ -436,6 +453,8 @@ class DiffusionGRPOTrainer(ShardedCheckpoints, GRPOTrainer):
                 f"mask_token_id={self.mask_token_id} is not in the vocabulary [0, {config.vocab_size}); set "
                 "DiffusionGRPOConfig.mask_token_id"
             )
+        check_mask_token_id(self.mask_token_id, config=config, tokenizer=processing_class)
+        check_prompt_datasets(train_dataset, eval_dataset, self.mask_token_id, processing_class)
         saved = {name: getattr(config, name, None) for name in ("router_aux_loss_coef", "output_router_logits")}
         self._skip_parent_logps = False
         self._logps_context = None

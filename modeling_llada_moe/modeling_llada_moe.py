@@ -685,12 +685,13 @@ def check_safetensors_header(path: Path) -> None:
         ) from err
 
 
-def check_local_checkpoint(folder: Path, variant: str | None, use_safetensors: bool | None, generation) -> None:
+def check_local_checkpoint(folder: Path, variant: str | None, use_safetensors: bool | None, generation) -> list[Path]:
     """Check the files `from_pretrained` will read from the local `folder`, cheaply (small JSON files and the
     safetensors headers), so that a damaged one is a `ValueError` naming the file instead of an `AttributeError` /
     `TypeError` / `SafetensorError` from deep inside transformers: `generation_config.json` (read as the
     `generation` class, when not None: a value it refuses is its `ValueError` / `TypeError`, naming the file too),
-    and the safetensors weights transformers picks (the single file, else the index and every shard it names)."""
+    and the safetensors weights transformers picks (the single file, else the index and every shard it names).
+    Returns the weights file, or the index, it checked (none when there is no safetensors file)."""
     generation_file = folder / GENERATION_CONFIG_NAME
     if generation is not None and generation_file.is_file():
         settings = read_json_object(generation_file, "generation config")
@@ -701,18 +702,26 @@ def check_local_checkpoint(folder: Path, variant: str | None, use_safetensors: b
                 raise
             raise type(err)(f"{str(generation_file)!r}: {err}") from err
     if use_safetensors is False:
-        return
+        return []
     # transformers' variant naming: model.safetensors -> model.VARIANT.safetensors, and the index alike.
     named = [name.rsplit(".", 1) for name in (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME)]
     single, index = (folder / ".".join([stem, variant, end] if variant else [stem, end]) for stem, end in named)
     if single.is_file():
         check_safetensors_header(single)
-    elif index.is_file():
+        return [single]
+    if index.is_file():
         weight_map = read_json_object(index, "weights index").get("weight_map")
         if not isinstance(weight_map, dict) or not all(isinstance(name, str) for name in weight_map.values()):
             raise ValueError(f"{str(index)!r} is a corrupt weights index: no `weight_map` of tensor name -> file name")
         for name in sorted(set(weight_map.values())):
             check_safetensors_header(folder / name)
+        return [index]
+    return []
+
+
+# The RuntimeErrors transformers raises after its load report when the checkpoint does not fit the model the config
+# describes: tensors of other shapes, experts its conversion cannot merge, state-dict errors.
+MISMATCH_ERRORS = ("ignore_mismatched_sizes", "automatic conversion of the weights", "Error(s) in loading state_dict")
 
 
 class LLaDAMoEPreTrainedModel(PreTrainedModel):
@@ -814,24 +823,26 @@ class LLaDAMoEPreTrainedModel(PreTrainedModel):
         longer match the weights is a `ValueError` naming it too (transformers raises a `RuntimeError` asking for
         `ignore_mismatched_sizes`). Weights the config has no place for, or lacks, stay transformers' warning here;
         the command line refuses them."""
-        folder = None
+        folder, weights = None, []
         if pretrained_model_name_or_path is not None and kwargs.get("gguf_file") is None:
             folder = Path(pretrained_model_name_or_path, kwargs.get("subfolder") or "")
             if folder.is_dir():
                 reads_generation_file = cls.can_generate() and kwargs.get("generation_config") is None
                 generation = getattr(cls, "generation_config_class", None) if reads_generation_file else None
-                check_local_checkpoint(folder, kwargs.get("variant"), kwargs.get("use_safetensors"), generation)
+                use_safetensors = kwargs.get("use_safetensors")
+                weights = check_local_checkpoint(folder, kwargs.get("variant"), use_safetensors, generation)
             else:
                 folder = None
         try:
             return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         except RuntimeError as err:
-            if folder is None or "ignore_mismatched_sizes" not in str(err):
+            if folder is None or not any(words in str(err) for words in MISMATCH_ERRORS):
                 raise
             config = "the given config" if kwargs.get("config") is not None else repr(str(folder / "config.json"))
+            files = ", ".join(repr(str(path)) for path in weights) or f"the weights of {str(folder)!r}"
             raise ValueError(
-                f"{config} does not match the weights in {str(folder)!r}: some tensors have other shapes than the "
-                f"config gives them (the load report above lists them). {err}"
+                f"{config} does not match {files}: tensors of other shapes than the config gives them, or experts "
+                f"that cannot be merged (transformers' load report above lists them); a damaged or edited file? {err}"
             ) from err
 
     def save_pretrained(self, save_directory: str | Path, *args, **kwargs) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from modeling_llada_moe.apps.hub import hub_token, login_help, push_folder
 from modeling_llada_moe.apps.inference import load_model_and_tokenizer
 from modeling_llada_moe.apps.tiny_task import save_tiny_folder
+from modeling_llada_moe.atomic_save import everything_else, staged_save
 
 
 def main() -> None:
@@ -37,9 +38,11 @@ def main() -> None:
     model, tokenizer = load_model_and_tokenizer(source, bits=args.bits)
 
     # Weights (official per-expert keys; the flattened layout when quantized), config.json with an auto_map naming
-    # the model code copied beside it, generation_config.json and a README.md model card.
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    # the model code copied beside it, generation_config.json and a README.md model card, then the tokenizer: staged
+    # together and moved into `out` only once all are written, so a failed save leaves no half folder behind.
+    with staged_save(out, everything_else) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
     print(f"saved {out}: {', '.join(sorted(path.name for path in out.iterdir()))}")
 
     if hub_token() is None:

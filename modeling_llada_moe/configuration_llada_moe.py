@@ -11,6 +11,8 @@ warned about by name. Nothing in the file is silently ignored.
 import dataclasses
 import difflib
 import functools
+import os
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -131,6 +133,17 @@ def warn_about_unknown_keys(cls: type, kwargs: dict[str, Any]) -> None:
             f"{cls.__name__}: generation settings {ignored} in the model config are ignored (transformers drops them); "
             "put them in generation_config.json or pass them to `generate`."
         )
+
+
+def config_file(pretrained_model_name_or_path: str | os.PathLike, subfolder: str = "") -> str:
+    """How errors name the config file `from_pretrained(pretrained_model_name_or_path)` reads: its path (quoted) for
+    a local file or folder, else "config.json of 'owner/name'" (a Hub repo)."""
+    path = Path(pretrained_model_name_or_path)
+    if path.is_file():
+        return repr(str(path))
+    if path.is_dir():
+        return repr(str(path / subfolder / "config.json"))
+    return f"config.json of {str(pretrained_model_name_or_path)!r}"
 
 
 @named_errors
@@ -336,6 +349,34 @@ class LLaDAMoEConfig(PreTrainedConfig):
                 super().validate_rope()
             except (KeyError, TypeError) as err:
                 raise rejected(self, "rope_parameters", rope, f"the keys of a '{rope_type}' RoPE: {err}") from err
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args, **kwargs) -> "LLaDAMoEConfig":
+        """transformers' `from_pretrained`; a value the file holds that the config refuses is the same `ValueError` /
+        `TypeError`, naming the file too (`'folder/config.json': LLaDAMoEConfig: `hidden_size`=-1 is invalid; ...`)."""
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except (ValueError, TypeError) as err:
+            file = config_file(pretrained_model_name_or_path, kwargs.get("subfolder") or "")
+            if type(err) not in (ValueError, TypeError) or file in str(err):
+                raise
+            raise type(err)(f"{file}: {err}") from err
+
+    @classmethod
+    def _dict_from_json_file(cls, json_file: str | os.PathLike) -> dict[str, Any]:
+        """The JSON object of `json_file`; anything else (not JSON, not UTF-8, a list, `null`, a string, a number) is a
+        `ValueError` naming the file and what is wrong with it (transformers fails later with an `AttributeError` or
+        a `TypeError` that names neither)."""
+        try:
+            config_dict = super()._dict_from_json_file(json_file)
+        except (ValueError, UnicodeDecodeError, RecursionError) as err:  # JSONDecodeError is a ValueError
+            raise ValueError(f"{str(json_file)!r} is a corrupt model config: not valid JSON ({err})") from err
+        if not isinstance(config_dict, dict):
+            raise ValueError(
+                f"{str(json_file)!r} is a corrupt model config: expected a JSON object of settings, got "
+                f"{type(config_dict).__name__} {str(config_dict)[:60]!r}"
+            )
+        return config_dict
 
     @classmethod
     def get_config_dict(cls, pretrained_model_name_or_path, **kwargs) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -8,6 +8,8 @@ key-padding mask, the router runs in fp32, and `labels` / `output_router_logits`
 
 import importlib.util
 import inspect
+import json
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +33,9 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_u
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
 from transformers.processing_utils import Unpack
 from transformers.utils import (
+    GENERATION_CONFIG_NAME,
+    SAFE_WEIGHTS_INDEX_NAME,
+    SAFE_WEIGHTS_NAME,
     ModelOutput,
     TransformersKwargs,
     can_return_tuple,
@@ -649,6 +654,76 @@ MODEL_FILES_AUTO_MAP = {
 HUB_OPTIONS = ("repo_id", "commit_message", "commit_description", "private", "token", "revision", "create_pr", "tags")
 
 
+def read_json_object(path: Path, what: str) -> dict:
+    """The JSON object in the local file `path`; a `ValueError` naming it when it is not UTF-8 JSON or not an object."""
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{str(path)!r} is a corrupt {what}: not valid JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"{str(path)!r} is a corrupt {what}: expected a JSON object, got {type(data).__name__} {str(data)[:60]!r}"
+        )
+    return data
+
+
+def check_safetensors_header(path: Path) -> None:
+    """A `ValueError` naming `path` when it is missing, empty, truncated or its header is damaged. safetensors'
+    `safe_open` maps the file and parses the header only (it checks that the tensors cover the file exactly): no
+    tensor is read."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise ValueError(f"{str(path)!r}: the weights file is missing (named by the folder's weights index)")
+    size = path.stat().st_size
+    try:
+        with safe_open(str(path), framework="pt") as weights:
+            weights.keys()
+    except Exception as err:  # safetensors' SafetensorError (header too small, truncated data, bad header JSON)
+        raise ValueError(
+            f"{str(path)!r} is a corrupt weights file ({size} bytes): {err}; re-download or re-save the checkpoint"
+        ) from err
+
+
+def check_local_checkpoint(folder: Path, variant: str | None, use_safetensors: bool | None, generation) -> list[Path]:
+    """Check the files `from_pretrained` will read from the local `folder`, cheaply (small JSON files and the
+    safetensors headers), so that a damaged one is a `ValueError` naming the file instead of an `AttributeError` /
+    `TypeError` / `SafetensorError` from deep inside transformers: `generation_config.json` (read as the
+    `generation` class, when not None: a value it refuses is its `ValueError` / `TypeError`, naming the file too),
+    and the safetensors weights transformers picks (the single file, else the index and every shard it names).
+    Returns the weights file, or the index, it checked (none when there is no safetensors file)."""
+    generation_file = folder / GENERATION_CONFIG_NAME
+    if generation is not None and generation_file.is_file():
+        settings = read_json_object(generation_file, "generation config")
+        try:
+            generation.from_dict(settings)
+        except (ValueError, TypeError) as err:
+            if type(err) not in (ValueError, TypeError):
+                raise
+            raise type(err)(f"{str(generation_file)!r}: {err}") from err
+    if use_safetensors is False:
+        return []
+    # transformers' variant naming: model.safetensors -> model.VARIANT.safetensors, and the index alike.
+    named = [name.rsplit(".", 1) for name in (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME)]
+    single, index = (folder / ".".join([stem, variant, end] if variant else [stem, end]) for stem, end in named)
+    if single.is_file():
+        check_safetensors_header(single)
+        return [single]
+    if index.is_file():
+        weight_map = read_json_object(index, "weights index").get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(name, str) for name in weight_map.values()):
+            raise ValueError(f"{str(index)!r} is a corrupt weights index: no `weight_map` of tensor name -> file name")
+        for name in sorted(set(weight_map.values())):
+            check_safetensors_header(folder / name)
+        return [index]
+    return []
+
+
+# The RuntimeErrors transformers raises after its load report when the checkpoint does not fit the model the config
+# describes: tensors of other shapes, experts its conversion cannot merge, state-dict errors.
+MISMATCH_ERRORS = ("ignore_mismatched_sizes", "automatic conversion of the weights", "Error(s) in loading state_dict")
+
+
 class LLaDAMoEPreTrainedModel(PreTrainedModel):
     config: LLaDAMoEConfig
     config_class = LLaDAMoEConfig
@@ -738,6 +813,37 @@ class LLaDAMoEPreTrainedModel(PreTrainedModel):
             init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
         elif isinstance(module, LLaDAMoESparseMoeBlock) and module.expert_bias is not None:
             init.zeros_(module.expert_bias)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike | None, *model_args, **kwargs):
+        """transformers' `from_pretrained`. From a local folder, the files it reads are checked first (the small JSON
+        files and the safetensors headers only): a `generation_config.json` that is not a JSON object, an empty,
+        truncated or damaged `.safetensors`, a weights index that names a missing shard are a `ValueError` naming the
+        file (a damaged `config.json` is, through `LLaDAMoEConfig.from_pretrained`). A `config.json` whose sizes no
+        longer match the weights is a `ValueError` naming it too (transformers raises a `RuntimeError` asking for
+        `ignore_mismatched_sizes`). Weights the config has no place for, or lacks, stay transformers' warning here;
+        the command line refuses them."""
+        folder, weights = None, []
+        if pretrained_model_name_or_path is not None and kwargs.get("gguf_file") is None:
+            folder = Path(pretrained_model_name_or_path, kwargs.get("subfolder") or "")
+            if folder.is_dir():
+                reads_generation_file = cls.can_generate() and kwargs.get("generation_config") is None
+                generation = getattr(cls, "generation_config_class", None) if reads_generation_file else None
+                use_safetensors = kwargs.get("use_safetensors")
+                weights = check_local_checkpoint(folder, kwargs.get("variant"), use_safetensors, generation)
+            else:
+                folder = None
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        except RuntimeError as err:
+            if folder is None or not any(words in str(err) for words in MISMATCH_ERRORS):
+                raise
+            config = "the given config" if kwargs.get("config") is not None else repr(str(folder / "config.json"))
+            files = ", ".join(repr(str(path)) for path in weights) or f"the weights of {str(folder)!r}"
+            raise ValueError(
+                f"{config} does not match {files}: tensors of other shapes than the config gives them, or experts "
+                f"that cannot be merged (transformers' load report above lists them); a damaged or edited file? {err}"
+            ) from err
 
     def save_pretrained(self, save_directory: str | Path, *args, **kwargs) -> None:
         """Save weights (official per-expert keys), config with `auto_map`, the model code and a model card (the

@@ -102,10 +102,13 @@ def load_quantized(
     # writes the same bytes (fast_quantize). Folders saved quantized and GPU loads don't quantize on the CPU.
     quantizing = quantization_config is not None and bits == 4
     with fast_4bit_quantization() if quantizing else contextlib.nullcontext():
-        return LLaDAMoEForMaskedLM.from_pretrained(
+        loaded = LLaDAMoEForMaskedLM.from_pretrained(
             path_or_repo,
             quantization_config=quantization_config,
             dtype=compute_dtype,
             device_map=device_map,
             **from_pretrained_kwargs,
-        ).eval()
+        )
+    if isinstance(loaded, tuple):  # output_loading_info=True: (model, loading info), as from_pretrained returns them
+        return loaded[0].eval(), loaded[1]
+    return loaded.eval()

@@ -1,10 +1,12 @@
-"""Seeded fuzz of the `llada-moe generate` flags on a tiny folder and of the trainers' configs (issue 13).
+"""Seeded fuzz of the `llada-moe generate` flags on a tiny folder, of `llada-moe convert` over damaged folders, of
+random byte damage loaded through the Python API, and of the trainers' configs (issues 13 and 23).
 
-    OMP_NUM_THREADS=1 python scripts/fuzz_cli.py --calls 80 --configs 120
+    OMP_NUM_THREADS=1 python scripts/fuzz_cli.py --calls 80 --configs 120 --damage 60 --converts 12
 
 Prints per surface `tried / ok / clear error / bad`. Bad: a hang past the timeout, an exit code other than 0 or 2, a
-traceback or an exception other than our ValueError / TypeError, an exit 0 without a valid JSON result. Not part of
-the pytest suite."""
+traceback or an exception other than our ValueError / TypeError (for the Python API: one that does not name the
+damaged file), an exit 0 without a valid JSON result, a failed convert that changed its destination. Not part of the
+pytest suite."""
 
 from __future__ import annotations
 
@@ -13,7 +15,9 @@ import contextlib
 import io
 import json
 import math
+import os
 import random
+import shutil
 import signal
 import tempfile
 from collections import Counter
@@ -67,7 +71,7 @@ def time_limit(seconds: float):
         signal.signal(signal.SIGALRM, previous)
 
 
-def run_cli(argv: list[str], timeout: float) -> tuple[str, str]:
+def run_cli(argv: list[str], timeout: float, expect_json: bool = True) -> tuple[str, str]:
     out, err = io.StringIO(), io.StringIO()
     try:
         with time_limit(timeout), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -82,6 +86,8 @@ def run_cli(argv: list[str], timeout: float) -> tuple[str, str]:
     stdout, stderr = out.getvalue(), err.getvalue()
     if code == 2 and "error:" in stderr and "Traceback" not in stderr:
         return "clear error", stderr.strip().splitlines()[-1]
+    if code == 0 and not expect_json:
+        return "ok", ""
     if code == 0:
         try:
             result = json.loads(stdout)
@@ -111,23 +117,109 @@ def fuzz_cli(folder: Path, calls: int, rng: random.Random, timeout: float) -> Co
 
 
 def damaged_folders(folder: Path) -> list[Path]:
-    import shutil
-
     root = folder.parent / "damaged"
+    config = json.loads((folder / "config.json").read_text())
     cases = {
         "empty-weights": ("model.safetensors", b""),
         "cut-weights": ("model.safetensors", None),
         "config": ("config.json", b"{"),
+        "config-list": ("config.json", b"[1, 2]"),
+        "config-null": ("config.json", b"null"),
         "generation": ("generation_config.json", b"[]"),
         "tokenizer": ("tokenizer.json", b"{}"),
+        "template-syntax": ("chat_template.jinja", b"{% for m in messages %}{{ m['content'] }"),
+        "template-raise": ("chat_template.jinja", b"{{ raise_exception('no') }}"),
+        "layer-added": ("config.json", json.dumps({**config, "num_hidden_layers": 3, "moe_layer_freq": None})),
+        "layer-removed": ("config.json", json.dumps({**config, "num_hidden_layers": 1, "moe_layer_freq": None})),
+        "vocab-changed": ("config.json", json.dumps({**config, "vocab_size": 136})),
     }
     paths = []
     for name, (file, content) in cases.items():
         copy = shutil.copytree(folder, root / name)
         data = (copy / file).read_bytes()
+        content = content.encode() if isinstance(content, str) else content
         (copy / file).write_bytes(content if content is not None else data[: len(data) // 2])
         paths.append(copy)
     return paths
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def fuzz_convert(folder: Path, calls: int, rng: random.Random, timeout: float) -> Counter:
+    """`convert` of the intact or a damaged folder, into a new folder or `--overwrite` over an earlier one: exit 0
+    with a loadable folder, or exit 2 with the destination unchanged."""
+    counts = Counter()
+    damaged = damaged_folders(folder) if not (folder.parent / "damaged").exists() else sorted(
+        (folder.parent / "damaged").iterdir()
+    )
+    earlier = folder.parent / "earlier"
+    for i in range(calls):
+        source = folder if rng.random() < 0.3 else rng.choice(damaged)
+        overwrite = rng.random() < 0.5
+        destination = earlier if overwrite else folder.parent / f"converted-{i}"
+        if overwrite and not earlier.exists():
+            shutil.copytree(folder, earlier)
+            (earlier / "notes.txt").write_text("an earlier file")
+        before = snapshot(destination) if destination.exists() else None
+        flags = ["--overwrite"] if overwrite else []
+        flags += rng.sample(["--no-verify", "--bits=8"], rng.randint(0, 1))
+        outcome, detail = run_cli(["convert", str(source), str(destination), *flags], timeout, expect_json=False)
+        if outcome == "ok":
+            left = set(os.listdir(destination))
+            if "notes.txt" in left or any(name.startswith(".llada-moe-") for name in left):
+                outcome, detail = "bad", f"files of the earlier folder or of the staging left: {sorted(left)}"
+        elif (snapshot(destination) if destination.exists() else None) != before:
+            outcome, detail = "bad", f"a failed convert changed {destination}: {detail}"
+        counts[outcome] += 1
+        if outcome == "bad":
+            print(f"BAD convert {source.name} {flags}: {detail}")
+    return counts
+
+
+def damage_bytes(data: bytes, limit: int, rng: random.Random) -> bytes:
+    at = rng.randrange(limit)
+    extra = bytes(rng.randrange(256) for _ in range(rng.randint(1, 3)))
+    kind = rng.choice(["replace", "insert", "delete", "truncate"])
+    if kind == "replace":
+        return data[:at] + extra + data[at + len(extra) :]
+    if kind == "insert":
+        return data[:at] + extra + data[at:]
+    if kind == "delete":
+        return data[:at] + data[at + len(extra) :]
+    return data[:at]
+
+
+def fuzz_python_api(folder: Path, calls: int, rng: random.Random, timeout: float) -> Counter:
+    """Random byte damage to config.json, generation_config.json or the safetensors header, loaded with
+    `LLaDAMoEForMaskedLM.from_pretrained`: it loads, or a ValueError / TypeError names the damaged file."""
+    import struct
+
+    from modeling_llada_moe import LLaDAMoEForMaskedLM
+
+    counts = Counter()
+    work = shutil.copytree(folder, folder.parent / "api-damage")
+    for _ in range(calls):
+        file = rng.choice(["config.json", "generation_config.json", "model.safetensors"])
+        original = (folder / file).read_bytes()
+        limit = 8 + struct.unpack("<Q", original[:8])[0] if file.endswith(".safetensors") else len(original)
+        (work / file).write_bytes(damage_bytes(original, limit, rng))
+        try:
+            with time_limit(timeout), contextlib.redirect_stderr(io.StringIO()):
+                LLaDAMoEForMaskedLM.from_pretrained(work)
+            outcome, detail = "ok", ""
+        except (ValueError, TypeError) as err:
+            named = str(work / file) in str(err)
+            outcome, detail = ("clear error", "") if named else ("bad", f"does not name {file}: {err}")
+        except Exception as err:
+            outcome, detail = "bad", f"{type(err).__name__}: {err}"
+        finally:
+            (work / file).write_bytes(original)
+        counts[outcome] += 1
+        if outcome == "bad":
+            print(f"BAD python api, damaged {file}: {detail[:300]}")
+    return counts
 
 
 SFT_VALUES = {
@@ -185,6 +277,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=80, help="CLI calls")
     parser.add_argument("--configs", type=int, default=120, help="calls per trainer config class")
+    parser.add_argument("--damage", type=int, default=60, help="damaged folders loaded through the Python API")
+    parser.add_argument("--converts", type=int, default=12, help="convert calls")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per CLI call before it counts as a hang")
     args = parser.parse_args()
@@ -193,13 +287,15 @@ def main() -> None:
         folder = save_tiny_folder(Path(tmp) / "tiny", max_new_tokens=8, block_length=4)
         results = {
             "cli generate": fuzz_cli(folder, args.calls, rng, args.timeout),
+            "cli convert": fuzz_convert(folder, args.converts, rng, args.timeout),
+            "from_pretrained damage": fuzz_python_api(folder, args.damage, rng, args.timeout),
             "DiffusionSFTConfig": fuzz_config(DiffusionSFTConfig, SFT_VALUES, args.configs, rng, tmp),
             "VRPOConfig": fuzz_config(VRPOConfig, VRPO_VALUES, args.configs, rng, tmp),
         }
-    print(f"{'surface':<20} tried / ok / clear error / bad")
+    print(f"{'surface':<24} tried / ok / clear error / bad")
     for surface, counts in results.items():
         tried = sum(counts.values())
-        print(f"{surface:<20} {tried} / {counts['ok']} / {counts['clear error']} / {counts['bad']}")
+        print(f"{surface:<24} {tried} / {counts['ok']} / {counts['clear error']} / {counts['bad']}")
 
 
 if __name__ == "__main__":

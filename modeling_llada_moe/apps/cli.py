@@ -13,6 +13,7 @@ running (the Hub unreachable, a converted folder that does not reload identicall
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import math
@@ -24,15 +25,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModel, PreTrainedTokenizerBase, TextStreamer
 
 from .. import DiffusionGenerationConfig
+from ..atomic_save import everything_else, staged_save
 from ..configuration_llada_moe import LLaDAMoEConfig
 from ..modeling_llada_moe import LLaDAMoEForMaskedLM
 from .hub import hub_token, login_help, push_folder
 from .inference import (
     DTYPES,
     END_OF_TURN,
+    check_chat_template,
     check_messages,
     check_model_folder,
     check_model_source,
@@ -41,6 +45,7 @@ from .inference import (
     end_of_turn_ids,
     has_tokenizer_files,
     is_local_folder,
+    load_checked_model,
     load_model_and_tokenizer,
 )
 from .inference import load_tokenizer as load_tokenizer_folder
@@ -388,6 +393,7 @@ CHAT_HELP = "/reset clears the conversation, /system TEXT sets the system prompt
 def run_chat(args: argparse.Namespace) -> int:
     model, tokenizer = load(args)
     require_chat_template(tokenizer, args, "chat")
+    check_chat_template(tokenizer)  # a broken template: exit 2 now, not a traceback at the first turn
     config = generation_config(model, tokenizer, args)
     generator = sampling_generator(args, model)
     interactive = sys.stdin.isatty()
@@ -416,9 +422,10 @@ def run_chat(args: argparse.Namespace) -> int:
             print(f"unknown command {command!r}: {CHAT_HELP}", file=sys.stderr)
             continue
         messages.append({"role": "user", "content": line})
-        input_ids = encode_prompt(tokenizer, messages=messages, system=system)
         streamer = None if args.no_stream else AnswerStreamer(tokenizer)
         try:
+            # The template may refuse this conversation only (a system turn it does not take): say so, keep chatting.
+            input_ids = encode_prompt(tokenizer, messages=messages, system=system)
             out = model.diffusion_generate(
                 input_ids.to(model.device),
                 generation_config=config,
@@ -499,30 +506,56 @@ def verify_input(vocab_size: int) -> torch.Tensor:
     return torch.randint(0, vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
 
 
+class VerificationError(RuntimeError):
+    """The converted folder does not reload as the source model (non-finite or different logits)."""
+
+
+def remove_if_new(destination: Path, existed: bool) -> None:
+    """After a failed convert: remove the destination folder if this run created it (it is empty then)."""
+    if not existed:
+        with contextlib.suppress(OSError):
+            destination.rmdir()
+
+
 def verify_folder(destination: Path, quantized: bool, expected: torch.Tensor | None, input_ids: torch.Tensor) -> str:
     """Reload the converted folder with `AutoModel.from_pretrained(trust_remote_code=True)` and run a forward;
-    returns a one-line report, raises `RuntimeError` when the logits differ from the source model's."""
+    returns a one-line report, raises `VerificationError` when the logits differ from the source model's."""
     kwargs = {"device_map": "cpu"} if quantized else {}
     model = AutoModel.from_pretrained(destination, trust_remote_code=True, dtype="auto", **kwargs).eval()
     with torch.no_grad():
         logits = model(input_ids).logits
     if not torch.isfinite(logits).all():
-        raise RuntimeError(f"{destination}: the reloaded model gives non-finite logits")
+        raise VerificationError("the reloaded model gives non-finite logits")
     if expected is None:
         return "reloaded with AutoModel.from_pretrained(trust_remote_code=True): forward OK"
     if not torch.equal(logits, expected):
         difference = (logits.float() - expected.float()).abs().max().item()
-        raise RuntimeError(f"{destination}: reloaded logits differ from the source model's (max |diff| {difference})")
+        raise VerificationError(f"reloaded logits differ from the source model's (max |diff| {difference})")
     return "reloaded with AutoModel.from_pretrained(trust_remote_code=True): logits identical to the source model"
 
 
 def check_destination(args: argparse.Namespace) -> Path:
-    """The destination folder, refused when it is the source or holds files (unless --overwrite)."""
+    """The destination folder, refused when it is the source or holds files (unless --overwrite). `--overwrite`
+    replaces the folder as a whole, so it must be a model folder (a `config.json`) and hold neither the source nor
+    the `--tokenizer` folder."""
     destination = Path(args.destination).expanduser()
     if Path(args.source).expanduser().resolve() == destination.resolve():
         raise ValueError(f"destination {str(destination)!r} is the source folder; choose a new folder")
     if destination.is_file() or (destination.is_dir() and any(destination.iterdir()) and not args.overwrite):
         raise ValueError(f"destination {str(destination)!r} is not an empty folder; choose a new one or --overwrite")
+    if destination.is_dir() and any(destination.iterdir()):
+        if not (destination / "config.json").is_file():
+            raise ValueError(
+                f"--overwrite replaces the destination as a whole, and {str(destination)!r} holds files but no "
+                "config.json: it is not a model folder; choose a new or empty folder"
+            )
+        for flag, source in (("the source", args.source), ("--tokenizer", args.tokenizer)):
+            path = Path(source).expanduser().resolve() if source is not None else None
+            if path is not None and path.exists() and destination.resolve() in path.parents:
+                raise ValueError(
+                    f"{flag} {source!r} lies inside the destination {str(destination)!r}, which --overwrite "
+                    "replaces as a whole; choose another destination"
+                )
     return destination
 
 
@@ -582,34 +615,48 @@ def run_convert(args: argparse.Namespace) -> int:
     )
     tokenizer = load_tokenizer(args, config)
 
-    input_ids, expected = verify_input(config.vocab_size), None
-    if args.bits is not None:
-        from quantization import load_quantized
+    if tokenizer is not None:
+        check_chat_template(tokenizer)  # the folder would carry a template that cannot render a conversation
 
-        compute = None if args.dtype == "auto" else DTYPES[args.dtype]
-        model = load_quantized(args.source, bits=args.bits, compute_dtype=compute, device_map="cpu", **overrides)
-    else:
-        model = LLaDAMoEForMaskedLM.from_pretrained(args.source, dtype=DTYPES[args.dtype], **overrides).eval()
-        if not args.no_verify:
-            with torch.no_grad():
-                expected = model(input_ids).logits
+    input_ids, expected = verify_input(config.vocab_size), None
+    # Missing or unexpected weights (a config.json edited to add or remove a layer) are an error, not a warning.
+    model = load_checked_model(args.source, bits=args.bits, dtype=args.dtype, device_map="cpu", **overrides)
+    if args.bits is None and not args.no_verify:
+        with torch.no_grad():
+            expected = model(input_ids).logits
     if args.mask_token_id is not None or model.generation_config.mask_token_id is None:
         # --mask-token-id goes into generation_config.json too: generation reads the mask id from there first.
         model.generation_config.mask_token_id = model.config.mask_token_id
-    model.save_pretrained(destination, **({"max_shard_size": args.max_shard_size} if args.max_shard_size else {}))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(destination)
-    del model  # before the reload: a 7B should not be in memory twice
-    gc.collect()
-    files = ", ".join(sorted(path.name for path in destination.iterdir()))
-    print(f"saved {destination} ({'with' if tokenizer is not None else 'without'} tokenizer): {files}")
 
-    if not args.no_verify:
-        try:
-            print(verify_folder(destination, args.bits is not None, expected, input_ids))
-        except RuntimeError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 1
+    # The whole folder is staged and verified, then replaces the destination as a whole (every earlier file goes:
+    # an old tokenizer, chat template or card would not fit the new weights); a failure anywhere before that, the
+    # verification included, leaves the destination exactly as it was (absent, if it was).
+    existed, report = destination.exists(), None
+    try:
+        with staged_save(destination, everything_else) as staging:
+            model.save_pretrained(staging, **({"max_shard_size": args.max_shard_size} if args.max_shard_size else {}))
+            if tokenizer is not None:
+                tokenizer.save_pretrained(staging)
+            del model  # before the reload: a 7B should not be in memory twice
+            gc.collect()
+            files = ", ".join(sorted(path.name for path in staging.iterdir()))
+            if not args.no_verify:
+                report = verify_folder(staging, args.bits is not None, expected, input_ids)
+    except VerificationError as err:
+        remove_if_new(destination, existed)
+        print(f"error: {destination}: {err}; the destination was left as it was", file=sys.stderr)
+        return 1
+    except (OSError, SafetensorError) as err:  # a full disk, a file too large, no permission
+        remove_if_new(destination, existed)
+        raise OSError(
+            f"could not write {str(destination)!r} ({type(err).__name__}: {err}); the destination was left as it was"
+        ) from err
+    except BaseException:
+        remove_if_new(destination, existed)
+        raise
+    print(f"saved {destination} ({'with' if tokenizer is not None else 'without'} tokenizer): {files}")
+    if report is not None:
+        print(report)
     if args.push_to_hub is not None:
         if hub_token() is None:
             print(login_help(destination, args.push_to_hub, args.private))
@@ -790,7 +837,11 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--tokenizer", help="tokenizer to copy (default: the source's)")
     convert.add_argument("--trust-remote-code", action="store_true", help="allow the tokenizer's own code")
     convert.add_argument("--max-shard-size", type=shard_size, metavar="SIZE", help="e.g. 5GB (default: transformers')")
-    convert.add_argument("--overwrite", action="store_true", help="write into a non-empty destination")
+    convert.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a non-empty destination (an earlier model folder) as a whole, once the new one is complete",
+    )
     convert.add_argument("--no-verify", action="store_true", help="skip the trust_remote_code reload check")
     convert.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the folder to this Hub repo (needs a token)")
     convert.add_argument("--private", action="store_true", help="create the Hub repo private")

@@ -118,6 +118,88 @@ def check_model_folder(folder: str | Path) -> None:
         check_safetensors_file(folder / "model.safetensors")
 
 
+def check_loading_info(source: str | Path, info: dict) -> None:
+    """Refuse a checkpoint whose weights do not match its config (a `config.json` edited to add or remove a layer,
+    say): transformers only warns, then initialises the missing weights at random and drops the unexpected ones. A
+    `ValueError` names `source`, the keys (the first few of each kind) and how many there are."""
+    parts = []
+    for kind, effect in (("missing_keys", "missing from the checkpoint, would be random"), ("unexpected_keys", "in "
+                         "the checkpoint but not in the model the config describes, would be dropped")):
+        keys = sorted(info.get(kind) or ())
+        if keys:
+            shown = ", ".join(keys[:4]) + (f", ... ({len(keys)} in all)" if len(keys) > 4 else "")
+            parts.append(f"{len(keys)} weights {effect}: {shown}")
+    if parts:
+        raise ValueError(
+            f"{str(source)!r}: the weights do not match the model its config.json describes ({'; '.join(parts)}); "
+            "was config.json edited (num_hidden_layers, moe_layer_freq, ...)? Restore it or re-save the checkpoint."
+        )
+
+
+def load_checked_model(
+    name_or_path: str | Path,
+    bits: int | None = None,
+    dtype: str | torch.dtype = "auto",
+    device_map: str | dict | None = None,
+    **overrides,
+) -> LLaDAMoEForMaskedLM:
+    """`LLaDAMoEForMaskedLM.from_pretrained` (or `quantization.load_quantized` with `bits`) in eval mode, refusing a
+    checkpoint whose weights do not match its config (`check_loading_info`) instead of warning."""
+    if bits is not None:
+        from quantization import load_quantized
+
+        compute = None if dtype == "auto" else DTYPES.get(dtype, dtype)
+        model, info = load_quantized(
+            name_or_path, bits=bits, compute_dtype=compute, device_map=device_map or "cpu", output_loading_info=True,
+            **overrides,
+        )
+    else:
+        model, info = LLaDAMoEForMaskedLM.from_pretrained(
+            name_or_path, dtype=DTYPES.get(dtype, dtype), output_loading_info=True, **overrides
+        )
+    check_loading_info(name_or_path, info)
+    return model.eval()
+
+
+def chat_template_source(tokenizer: PreTrainedTokenizerBase) -> str:
+    """How errors name the tokenizer's chat template: its file in a local tokenizer folder, else the tokenizer."""
+    folder = Path(str(tokenizer.name_or_path)).expanduser()
+    if folder.is_dir():
+        for name in ("chat_template.jinja", "chat_template.json"):
+            if (folder / name).is_file():
+                return repr(str(folder / name))
+        if (folder / "tokenizer_config.json").is_file():
+            return f"`chat_template` of {str(folder / 'tokenizer_config.json')!r}"
+    return f"of tokenizer {tokenizer.name_or_path!r}"
+
+
+def render_chat_template(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> str:
+    """The prompt text of `messages` (with the assistant turn opened); a template that does not render (a jinja
+    syntax error, a `raise_exception(...)` call, an error inside it) is a `ValueError` naming the template."""
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except ImportError:  # jinja2 missing: a missing dependency, not a bad template
+        raise
+    except Exception as err:  # jinja2's TemplateSyntaxError / TemplateError, or whatever the template's code raised
+        raise ValueError(
+            f"the chat template {chat_template_source(tokenizer)} does not render "
+            f"{[message['role'] for message in messages]} turns ({type(err).__name__}: {err}); fix the template, or "
+            "tokenize the prompt as it is (`--no-chat-template`, `chat_template=False`)"
+        ) from err
+    if not isinstance(text, str):
+        raise ValueError(
+            f"the chat template {chat_template_source(tokenizer)} rendered {type(text).__name__}, not text"
+        )
+    return text
+
+
+def check_chat_template(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Render a probe conversation (one user turn) once, so that a broken chat template is refused up front (a
+    `ValueError` naming it) rather than at the first request; a tokenizer without a template passes."""
+    if getattr(tokenizer, "chat_template", None) is not None:
+        render_chat_template(tokenizer, [{"role": "user", "content": "Hello"}])
+
+
 def has_tokenizer_files(folder: str | Path) -> bool:
     folder = Path(str(folder)).expanduser()
     return any((folder / name).exists() for name in TOKENIZER_FILES)
@@ -158,7 +240,8 @@ def load_model_and_tokenizer(
     `dtype` (`"auto"` = the checkpoint's) and moved to `device` (default: CUDA when available).
 
     A damaged local folder (corrupt `config.json` / `generation_config.json` / tokenizer file, an empty or truncated
-    `.safetensors`) is a `ValueError` naming the file; an unreachable Hub is an `OSError`.
+    `.safetensors`) is a `ValueError` naming the file, and so are weights that do not match the config (missing or
+    unexpected keys: transformers would only warn); an unreachable Hub is an `OSError`.
     """
     if bits not in (None, 4, 8):
         raise ValueError(f"bits={bits!r}: expected 4 (NF4), 8 (LLM.int8) or None (no quantization)")
@@ -174,13 +257,10 @@ def load_model_and_tokenizer(
     source = name_or_path
     try:
         if bits is not None:
-            from quantization import load_quantized
-
             device_map = "cpu" if device.type == "cpu" else {"": device.index or 0}
-            compute = None if dtype == "auto" else DTYPES[dtype]
-            model = load_quantized(name_or_path, bits=bits, compute_dtype=compute, device_map=device_map)
+            model = load_checked_model(name_or_path, bits=bits, dtype=dtype, device_map=device_map)
         else:
-            model = LLaDAMoEForMaskedLM.from_pretrained(name_or_path, dtype=DTYPES[dtype]).to(device).eval()
+            model = load_checked_model(name_or_path, dtype=dtype).to(device)
         source = tokenizer_source
         # `config=`: AutoTokenizer would otherwise read config.json itself, and the official one names remote code.
         tokenizer = load_tokenizer(tokenizer_source, config=model.config, trust_remote_code=trust_remote_code)
@@ -204,7 +284,8 @@ def encode_prompt(
     """[1, P] prompt ids from a plain `prompt` or chat `messages`.
 
     A plain prompt goes through the chat template as one user turn (after `system`, if given) when the tokenizer has
-    a template and `chat_template` is not False; `chat_template=False` tokenizes the text as it is.
+    a template and `chat_template` is not False; `chat_template=False` tokenizes the text as it is. A template that
+    does not render is a `ValueError` naming it (`render_chat_template`).
     """
     if (prompt is None) == (messages is None):
         raise ValueError("encode_prompt: give exactly one of `prompt` (text) or `messages` (a list of chat turns)")
@@ -223,7 +304,7 @@ def encode_prompt(
         check_messages(messages)
         if system is not None:
             messages = [{"role": "system", "content": system}, *messages]
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        text = render_chat_template(tokenizer, messages)
     ids = tokenizer(text, return_tensors="pt").input_ids
     if ids.numel() == 0:
         raise ValueError(f"encode_prompt: the prompt {text!r} tokenizes to nothing")

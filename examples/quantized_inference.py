@@ -77,9 +77,11 @@ def main() -> None:
     else:
         from transformers import AutoTokenizer
 
+        from modeling_llada_moe.apps.inference import render_chat_template
+
         tokenizer = AutoTokenizer.from_pretrained(path)
         messages = [{"role": "user", "content": args.prompt}]
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        text = render_chat_template(tokenizer, messages)  # a broken template: a ValueError naming it
         input_ids = tokenizer(text, return_tensors="pt").input_ids
         new_tokens, block = args.max_new_tokens, 32
     out = model.diffusion_generate(

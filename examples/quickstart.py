@@ -23,7 +23,12 @@ from pathlib import Path
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from modeling_llada_moe.apps.inference import decode_completion, encode_prompt, load_model_and_tokenizer
+from modeling_llada_moe.apps.inference import (
+    decode_completion,
+    encode_prompt,
+    load_model_and_tokenizer,
+    save_model_and_tokenizer,
+)
 from modeling_llada_moe.apps.tiny_task import reversal_examples, tiny_model, tiny_tokenizer
 
 
@@ -70,8 +75,7 @@ def train_tiny(out: Path, epochs: int, examples: int) -> None:
         processing_class=tiny_tokenizer(),
     )
     trainer.train()
-    trainer.model.save_pretrained(out)
-    trainer.processing_class.save_pretrained(out)
+    save_model_and_tokenizer(trainer.model, trainer.processing_class, out)  # one all-or-nothing save
 
 
 def evaluate(
@@ -134,8 +138,7 @@ def run_checkpoint(name: str, out: Path | None, bits: int | None) -> None:
     model, tokenizer = load_model_and_tokenizer(name, bits=bits)
     print(f"loaded {name} on {model.device}")
     if out is not None:
-        model.save_pretrained(out)
-        tokenizer.save_pretrained(out)
+        save_model_and_tokenizer(model, tokenizer, out)
         device = model.device
         del model
         model = AutoModel.from_pretrained(out, trust_remote_code=True, dtype="auto", device_map=device).eval()

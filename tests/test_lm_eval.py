@@ -218,6 +218,9 @@ def test_generate_task_with_chat_template(trained, task_manager):
         "<role>HUMAN</role>t1 t2<|role_end|><role>ASSISTANT</role>"
     )
     assert lm.chat_template(True) == LING_CHAT_TEMPLATE
+    broken = make_lm(trained, tiny_tokenizer("{{ raise_exception('no system turns') }}"), batch_size=4)
+    with pytest.raises(ValueError, match=r"chat template .* does not render .*no system turns"):
+        broken.apply_chat_template([{"role": "user", "content": "t1 t2"}])
     out = lm_eval.simple_evaluate(
         model=lm,
         tasks=["reversal_generate"],

@@ -37,7 +37,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from .. import DiffusionGenerationConfig
 from ..forward_process import example_generator
 from ..validators import is_int
-from .inference import completion_ids, end_of_turn_ids, load_model_and_tokenizer, pick_device
+from .inference import completion_ids, end_of_turn_ids, load_model_and_tokenizer, pick_device, render_chat_template
 from .settings import decoding_config
 
 
@@ -272,12 +272,7 @@ class LLaDAMoELM(TemplateLM):
         """The few-shot chat as one prompt string through the tokenizer's chat template (`--apply_chat_template`)."""
         if getattr(self.tokenizer, "chat_template", None) is None:
             raise ValueError("--apply_chat_template: the tokenizer has no chat template (use a base-model prompt)")
-        return self.tokenizer.apply_chat_template(
-            chat_history,
-            tokenize=False,
-            add_generation_prompt=add_generation_prompt,
-            continue_final_message=not add_generation_prompt,
-        )
+        return render_chat_template(self.tokenizer, chat_history, add_generation_prompt)
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
         """Token ids of `string`; with `add_special_tokens=None` the tokenizer's default, unless `string` already

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from ..atomic_save import staged_save, weight_files
 from ..generation_utils import DiffusionGenerationConfig
 from ..modeling_llada_moe import LLaDAMoEForMaskedLM
 
@@ -173,11 +174,19 @@ def chat_template_source(tokenizer: PreTrainedTokenizerBase) -> str:
     return f"of tokenizer {tokenizer.name_or_path!r}"
 
 
-def render_chat_template(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> str:
-    """The prompt text of `messages` (with the assistant turn opened); a template that does not render (a jinja
-    syntax error, a `raise_exception(...)` call, an error inside it) is a `ValueError` naming the template."""
+def render_chat_template(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], add_generation_prompt: bool = True
+) -> str:
+    """The prompt text of `messages` (with the assistant turn opened, or the last message continued with
+    `add_generation_prompt=False`); a template that does not render (a jinja syntax error, a `raise_exception(...)`
+    call, an error inside it) is a `ValueError` naming the template."""
     try:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        text = tokenizer.apply_chat_template(
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=not add_generation_prompt,
+            tokenize=False,
+        )
     except ImportError:  # jinja2 missing: a missing dependency, not a bad template
         raise
     except Exception as err:  # jinja2's TemplateSyntaxError / TemplateError, or whatever the template's code raised
@@ -343,3 +352,12 @@ def completion_ids(tokenizer: PreTrainedTokenizerBase, generated: torch.Tensor) 
 def decode_completion(tokenizer: PreTrainedTokenizerBase, generated: torch.Tensor) -> str:
     """The answer text of one generated row (prompt excluded): cut at the first end-of-turn id, specials dropped."""
     return tokenizer.decode(completion_ids(tokenizer, generated), skip_special_tokens=True).strip()
+
+
+def save_model_and_tokenizer(model, tokenizer: PreTrainedTokenizerBase, folder: str | Path) -> Path:
+    """Model and tokenizer saved into `folder` as one all-or-nothing save (a failure in either leaves the folder as
+    it was); the weight files of an earlier save there are replaced. Returns the folder."""
+    with staged_save(folder, weight_files) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+    return Path(folder)

@@ -17,6 +17,7 @@ from tokenizers.pre_tokenizers import WhitespaceSplit
 from transformers import PreTrainedTokenizerFast
 
 from modeling_llada_moe import LLaDAMoEConfig, LLaDAMoEForMaskedLM
+from modeling_llada_moe.apps.inference import save_model_and_tokenizer
 
 
 DIGITS = 8
@@ -135,8 +136,7 @@ def save_tiny_folder(path, model: LLaDAMoEForMaskedLM | None = None, chat: bool 
     model = model if model is not None else tiny_model()
     for name, value in generation_defaults.items():
         setattr(model.generation_config, name, value)
-    model.save_pretrained(path)
-    tiny_tokenizer(LING_CHAT_TEMPLATE if chat else None).save_pretrained(path)
+    save_model_and_tokenizer(model, tiny_tokenizer(LING_CHAT_TEMPLATE if chat else None), path)
     return path
 
 

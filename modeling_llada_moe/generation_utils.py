@@ -212,57 +212,6 @@ class DecodingHooks:
 
 
 @dataclass
-class DecodingState:
-    """Everything the sampling loop of one call reads and updates: the canvas [B, P + N] (the prompt, then
-    `max_new_tokens` positions, masked until committed), its attention mask, the positions the unconditional CFG
-    copy masks (the prompt), the settings and the strategies chosen once for the call, and the bookkeeping of the
-    output (`nfe`, `unmask_step`, `history`)."""
-
-    canvas: torch.Tensor
-    attention_mask: torch.Tensor
-    prompt_index: torch.Tensor
-    config: DiffusionGenerationConfig
-    special: SpecialTokens
-    hooks: DecodingHooks
-    policy: UnmaskingPolicy
-    smoothing: InputSmoothing
-    forward: Callable  # the model's call: eager, or compiled with `compile_config`
-    static_rows: bool = False  # compiled: finished rows stay in the batch, so a block's steps keep one shape
-    cudagraphs: bool = False  # compiled with CUDA graphs: mark each step and copy the logits out of the graph
-    nfe: torch.Tensor = field(init=False)  # [B] forwards each row took part in
-    unmask_step: torch.Tensor = field(init=False)  # [B, N] the forward that committed each token (-1: none)
-    history: list[torch.Tensor] | None = field(init=False)  # the canvas after every step, with output_history
-    forwards: int = 0  # denoising steps run so far in this call (cache_warmup_steps, the smoothing and decay schedules)
-
-    def __post_init__(self):
-        batch, device = self.canvas.shape[0], self.canvas.device
-        self.nfe = torch.zeros(batch, dtype=torch.long, device=device)
-        self.unmask_step = torch.full((batch, self.config.max_new_tokens), -1, dtype=torch.long, device=device)
-        self.history = [] if self.config.output_history else None
-
-    @property
-    def prompt_length(self) -> int:
-        return self.canvas.shape[1] - self.config.max_new_tokens
-
-    @property
-    def draft_streamer(self):
-        """The streamer when it takes the draft of every step (`put_draft`, as `TextDiffusionStreamer`), else None."""
-        return self.hooks.streamer if hasattr(self.hooks.streamer, "put_draft") else None
-
-    def output(self) -> torch.LongTensor | DiffusionGenerateOutput:
-        if not self.config.return_dict_in_generate:
-            return self.canvas
-        kept = (self.unmask_step >= 0).sum(dim=1).float()
-        return DiffusionGenerateOutput(
-            sequences=self.canvas,
-            nfe=self.nfe,
-            tokens_per_forward=kept / self.nfe.clamp(min=1),
-            unmask_step=self.unmask_step,
-            history=tuple(self.history) if self.history is not None else None,
-        )
-
-
-@dataclass
 class ActiveBlock:
     """The block [start, end) being denoised in `steps` steps (a budget the reference quota spends; the parallel
     rules run until it is filled), the canvas rows still decoding it (`rows`, with their canvas `xs`, attention
@@ -298,6 +247,136 @@ class ActiveBlock:
         self.masks, self.prompts = self.masks[keep], self.prompts[keep]
         if self.cache is not None:
             self.cache.keep_rows(torch.cat([keep, keep + count]) if guided else keep)
+
+
+@dataclass
+class DecodingState:
+    """Everything the sampling loop of one call reads and updates: the canvas [B, P + N] (the prompt, then
+    `max_new_tokens` positions, masked until committed), its attention mask, the positions the unconditional CFG
+    copy masks (the prompt), the settings and the strategies chosen once for the call, and the bookkeeping of the
+    output (`nfe`, `unmask_step`, `history`). Its methods are the loop's steps that touch no model: the proposals
+    and scores of a step, committing them, and where a row stops."""
+
+    canvas: torch.Tensor
+    attention_mask: torch.Tensor
+    prompt_index: torch.Tensor
+    config: DiffusionGenerationConfig
+    special: SpecialTokens
+    hooks: DecodingHooks
+    policy: UnmaskingPolicy
+    smoothing: InputSmoothing
+    forward: Callable  # the model's call: eager, or compiled with `compile_config`
+    static_rows: bool = False  # compiled: finished rows stay in the batch, so a block's steps keep one shape
+    cudagraphs: bool = False  # compiled with CUDA graphs: mark each step and copy the logits out of the graph
+    nfe: torch.Tensor = field(init=False)  # [B] forwards each row took part in
+    unmask_step: torch.Tensor = field(init=False)  # [B, N] the forward that committed each token (-1: none)
+    history: list[torch.Tensor] | None = field(init=False)  # the canvas after every step, with output_history
+    forwards: int = 0  # denoising steps run so far in this call (cache_warmup_steps, the smoothing and decay schedules)
+
+    def __post_init__(self):
+        batch, device = self.canvas.shape[0], self.canvas.device
+        self.nfe = torch.zeros(batch, dtype=torch.long, device=device)
+        self.unmask_step = torch.full((batch, self.config.max_new_tokens), -1, dtype=torch.long, device=device)
+        self.history = [] if self.config.output_history else None
+
+    @property
+    def prompt_length(self) -> int:
+        return self.canvas.shape[1] - self.config.max_new_tokens
+
+    @property
+    def draft_streamer(self):
+        """The streamer when it takes the draft of every step (`put_draft`, as `TextDiffusionStreamer`), else None."""
+        return self.hooks.streamer if hasattr(self.hooks.streamer, "put_draft") else None
+
+    def refreshes_cache(self, block: ActiveBlock) -> bool:
+        """Whether the step runs the whole canvas to refresh the cache: at the block start, in the call's warm-up
+        forwards, and every `cache_refresh_interval` steps."""
+        config = self.config
+        return (
+            block.step == 0
+            or self.forwards < config.cache_warmup_steps
+            or (config.cache_refresh_interval is not None and block.step % config.cache_refresh_interval == 0)
+        )
+
+    def proposals(self, block: ActiveBlock, logits: torch.Tensor, window: tuple[int, int]):
+        """(proposal, scores, candidates), each [rows, canvas]: the token each masked position would take (the
+        others keep theirs), its confidence (-inf outside the block's masked positions, the `candidates`)."""
+        config, mask_id, xs, generator = self.config, self.special.mask, block.xs, self.hooks.generator
+        allowed = exclude_mask_token(logits, mask_id, block.start - window[0], block.end - window[0], config)
+        proposal_w = propose_tokens(allowed, config.temperature, config.top_k, config.top_p, generator)
+        scores_w = confidence(
+            logits, proposal_w, config.remasking, config.confidence_suppress_tokens, generator,
+            CONFIDENCE_DTYPES.get(config.confidence_dtype),
+        )
+        proposal = xs.clone()
+        proposal[:, window[0] : window[1]] = proposal_w
+        scores = torch.full(xs.shape, float("-inf"), dtype=scores_w.dtype, device=xs.device)
+        scores[:, window[0] : window[1]] = scores_w
+        is_mask = xs == mask_id
+        candidates = torch.zeros_like(is_mask)
+        candidates[:, block.start : block.end] = is_mask[:, block.start : block.end]
+        # A candidate's score that is not a number (its softmax undefined, e.g. +inf logits) ranks below every
+        # finite one but above the -inf of the other positions, so the quota / best-first rules still take it.
+        low, high = torch.finfo(scores.dtype).min, torch.finfo(scores.dtype).max
+        scores = torch.where(candidates, scores.nan_to_num(nan=low, posinf=high, neginf=low), float("-inf"))
+        return torch.where(is_mask, proposal, xs), scores, candidates
+
+    def commit(self, block: ActiveBlock, xs: torch.Tensor, selected: torch.Tensor, still_masked: torch.Tensor) -> None:
+        """Write the step's canvas `xs` of the block's rows (its `selected` positions filled), count the forward for
+        the rows that took part and record which forward committed each token; stream the draft."""
+        rows = block.rows
+        participating = still_masked if self.policy.fills_block else torch.ones_like(still_masked)
+        step_index = self.nfe[rows]
+        self.nfe[rows] += participating.long()
+        generated = selected[:, self.prompt_length :]
+        unmask = self.unmask_step[rows]
+        unmask[generated] = step_index[:, None].expand_as(generated)[generated]
+        self.unmask_step[rows] = unmask
+        block.xs = xs
+        self.canvas[rows] = xs
+        if self.history is not None:
+            self.history.append(self.canvas.clone())
+        if self.draft_streamer is not None:
+            self.draft_streamer.put_draft(self.canvas[:, block.start : block.end].cpu())
+
+    def row_stops(self, row: int, columns: tuple[int, int]) -> int | None:
+        """After the block [start, end) is final: where row `row` stops (EOS, a stop string or one of the
+        `stopping_criteria`, at the first position of the block where one applies): the number of generated tokens
+        it keeps, its tail padded; None if it goes on."""
+        x, config, prompt_len, (start, end) = self.canvas, self.config, self.prompt_length, columns
+        generated = x[row, prompt_len:end]
+        cut = None
+        if config.stop_at_eos:
+            hits = torch.isin(generated, torch.tensor(self.special.eos, device=x.device)).nonzero()
+            if hits.numel():
+                cut = int(hits[0]) + 1
+        first, last = start - prompt_len + 1, generated.numel() if cut is None else cut - 1
+        if config.stop_strings:
+            for length in range(first, last + 1):
+                text = self.hooks.tokenizer.decode(generated[:length])
+                if any(stop in text for stop in config.stop_strings):
+                    cut = last = length
+                    break
+        if self.hooks.stopping_criteria:
+            for length in range(first, last + 1):
+                if bool(self.hooks.stopping_criteria(x[row : row + 1, : prompt_len + length], None).any()):
+                    cut = length
+                    break
+        if cut is not None:
+            x[row, prompt_len + cut :] = self.special.pad
+        return cut
+
+    def output(self) -> torch.LongTensor | DiffusionGenerateOutput:
+        if not self.config.return_dict_in_generate:
+            return self.canvas
+        kept = (self.unmask_step >= 0).sum(dim=1).float()
+        return DiffusionGenerateOutput(
+            sequences=self.canvas,
+            nfe=self.nfe,
+            tokens_per_forward=kept / self.nfe.clamp(min=1),
+            unmask_step=self.unmask_step,
+            history=tuple(self.history) if self.history is not None else None,
+        )
 
 
 class DiffusionGenerationMixin:
@@ -499,7 +578,6 @@ class DiffusionGenerationMixin:
         hooks = DecodingHooks(streamer, generator, tokenizer, logits_processor, stopping_criteria)
         return self._diffusion_sample(input_ids, attention_mask, config, special, hooks)
 
-
     def _check_generation_inputs(self, input_ids, attention_mask, config, tokenizer):
         """Check the prompt and the token ids of `config` against the model, before any forward pass."""
         check_prompt_ids(input_ids)
@@ -552,7 +630,9 @@ class DiffusionGenerationMixin:
             cudagraphs=cudagraphs,
         )
 
-    def _diffusion_sample(self, input_ids, attention_mask, config, special, hooks) -> torch.LongTensor:
+    def _diffusion_sample(
+        self, input_ids, attention_mask, config, special, hooks
+    ) -> torch.LongTensor | DiffusionGenerateOutput:
         """Decode the canvas block by block; rows that stop (EOS, stop strings, stopping criteria) leave."""
         state = self._decoding_state(input_ids, attention_mask, config, special, hooks)
         blocks = split_blocks(config.max_new_tokens, config.block_length)
@@ -569,7 +649,7 @@ class DiffusionGenerationMixin:
             columns = (start, start + length)
             self._decode_block(state, ActiveBlock.open(state, columns, steps, rows, self.config.num_hidden_layers))
             for row in rows.tolist():
-                stops = self._row_stops(state, row, columns)
+                stops = state.row_stops(row, columns)
                 if stops is not None:
                     state.unmask_step[row, stops:] = -1
                     active[row] = False
@@ -609,9 +689,9 @@ class DiffusionGenerationMixin:
         if state.hooks.logits_processor:
             logits = process_block_logits(state.hooks.logits_processor, block.xs, logits, lo, hi)
         logits = state.policy.adjust_logits(logits, (lo, hi), block.masked(state.special.mask))
-        proposal, scores, candidates = self._proposals(state, block, logits, window)
+        proposal, scores, candidates = state.proposals(block, logits, window)
         commit = state.policy.select(scores, candidates, block.step, state.forwards)
-        self._commit(state, block, torch.where(commit, proposal, block.xs), commit, still_masked)
+        state.commit(block, torch.where(commit, proposal, block.xs), commit, still_masked)
         block.step += 1
         state.forwards += 1
 
@@ -627,7 +707,7 @@ class DiffusionGenerationMixin:
         if cache is None:
             window = (0, total)
             logits = self._run_model(state, block, window)
-        elif self._refreshes_cache(state, block):
+        elif state.refreshes_cache(block):
             cache.refresh()
             window = (block.start, total if wide else block.end)
             keep = torch.arange(*window, device=block.xs.device)
@@ -647,17 +727,6 @@ class DiffusionGenerationMixin:
             logits = SuppressTokensLogitsProcessor(config.suppress_tokens, device=logits.device)(None, logits)
         return logits, window
 
-    @staticmethod
-    def _refreshes_cache(state: DecodingState, block: ActiveBlock) -> bool:
-        """Whether the step runs the whole canvas to refresh the cache: at the block start, in the call's warm-up
-        forwards, and every `cache_refresh_interval` steps."""
-        config = state.config
-        return (
-            block.step == 0
-            or state.forwards < config.cache_warmup_steps
-            or (config.cache_refresh_interval is not None and block.step % config.cache_refresh_interval == 0)
-        )
-
     def _run_model(self, state: DecodingState, block: ActiveBlock, columns: tuple[int, int], **kwargs) -> torch.Tensor:
         """The model's logits on the canvas columns [columns) of the block's rows, then (CFG) of their unconditional
         copies, whose prompt is masked."""
@@ -674,77 +743,6 @@ class DiffusionGenerationMixin:
         else:
             logits = state.forward(inputs_embeds=embeds, attention_mask=attention, **kwargs).logits
         return logits.clone() if state.cudagraphs else logits
-
-    @staticmethod
-    def _proposals(state: DecodingState, block: ActiveBlock, logits: torch.Tensor, window: tuple[int, int]):
-        """(proposal, scores, candidates), each [rows, canvas]: the token each masked position would take (the
-        others keep theirs), its confidence (-inf outside the block's masked positions, the `candidates`)."""
-        config, mask_id, xs, generator = state.config, state.special.mask, block.xs, state.hooks.generator
-        allowed = exclude_mask_token(logits, mask_id, block.start - window[0], block.end - window[0], config)
-        proposal_w = propose_tokens(allowed, config.temperature, config.top_k, config.top_p, generator)
-        scores_w = confidence(
-            logits, proposal_w, config.remasking, config.confidence_suppress_tokens, generator,
-            CONFIDENCE_DTYPES.get(config.confidence_dtype),
-        )
-        proposal = xs.clone()
-        proposal[:, window[0] : window[1]] = proposal_w
-        scores = torch.full(xs.shape, float("-inf"), dtype=scores_w.dtype, device=xs.device)
-        scores[:, window[0] : window[1]] = scores_w
-        is_mask = xs == mask_id
-        candidates = torch.zeros_like(is_mask)
-        candidates[:, block.start : block.end] = is_mask[:, block.start : block.end]
-        # A candidate's score that is not a number (its softmax undefined, e.g. +inf logits) ranks below every
-        # finite one but above the -inf of the other positions, so the quota / best-first rules still take it.
-        low, high = torch.finfo(scores.dtype).min, torch.finfo(scores.dtype).max
-        scores = torch.where(candidates, scores.nan_to_num(nan=low, posinf=high, neginf=low), float("-inf"))
-        return torch.where(is_mask, proposal, xs), scores, candidates
-
-    @staticmethod
-    def _commit(state: DecodingState, block: ActiveBlock, xs: torch.Tensor, commit, still_masked) -> None:
-        """Write the step's canvas `xs` of the block's rows (its `commit` positions filled), count the forward for
-        the rows that took part and record which forward committed each token; stream the draft."""
-        rows = block.rows
-        participating = still_masked if state.policy.fills_block else torch.ones_like(still_masked)
-        step_index = state.nfe[rows]
-        state.nfe[rows] += participating.long()
-        generated = commit[:, state.prompt_length :]
-        unmask = state.unmask_step[rows]
-        unmask[generated] = step_index[:, None].expand_as(generated)[generated]
-        state.unmask_step[rows] = unmask
-        block.xs = xs
-        state.canvas[rows] = xs
-        if state.history is not None:
-            state.history.append(state.canvas.clone())
-        if state.draft_streamer is not None:
-            state.draft_streamer.put_draft(state.canvas[:, block.start : block.end].cpu())
-
-    @staticmethod
-    def _row_stops(state: DecodingState, row: int, columns: tuple[int, int]) -> int | None:
-        """After the block [start, end) is final: where row `row` stops (EOS, a stop string or one of the
-        `stopping_criteria`, at the first position of the block where one applies): the number of generated tokens
-        it keeps, its tail padded; None if it goes on."""
-        x, config, prompt_len, (start, end) = state.canvas, state.config, state.prompt_length, columns
-        generated = x[row, prompt_len:end]
-        cut = None
-        if config.stop_at_eos:
-            hits = torch.isin(generated, torch.tensor(state.special.eos, device=x.device)).nonzero()
-            if hits.numel():
-                cut = int(hits[0]) + 1
-        first, last = start - prompt_len + 1, generated.numel() if cut is None else cut - 1
-        if config.stop_strings:
-            for length in range(first, last + 1):
-                text = state.hooks.tokenizer.decode(generated[:length])
-                if any(stop in text for stop in config.stop_strings):
-                    cut = last = length
-                    break
-        if state.hooks.stopping_criteria:
-            for length in range(first, last + 1):
-                if bool(state.hooks.stopping_criteria(x[row : row + 1, : prompt_len + length], None).any()):
-                    cut = length
-                    break
-        if cut is not None:
-            x[row, prompt_len + cut :] = state.special.pad
-        return cut
 
     @torch.no_grad()
     def diffusion_loglikelihood(

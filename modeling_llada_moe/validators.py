@@ -20,11 +20,6 @@ def is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def is_finite(value: Any) -> bool:
-    """A real number that is neither infinite nor NaN."""
-    return is_number(value) and math.isfinite(value)
-
-
 def is_int_list(value: Any) -> bool:
     """A list or tuple of integers (token ids, a pair of sizes)."""
     return isinstance(value, (list, tuple)) and all(is_int(item) for item in value)
@@ -107,3 +102,9 @@ class FieldRule:
             ):
                 return ValueError, self.accepted
         return None
+
+
+def is_finite(value: Any) -> bool:
+    """A real number that is neither infinite nor NaN."""
+    return is_number(value) and math.isfinite(value)
+

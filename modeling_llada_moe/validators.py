@@ -107,4 +107,3 @@ class FieldRule:
 def is_finite(value: Any) -> bool:
     """A real number that is neither infinite nor NaN."""
     return is_number(value) and math.isfinite(value)
-

@@ -3,9 +3,9 @@ counts as an integer, a number, a finite number. A bool is never a count, a size
 
 from __future__ import annotations
 
+import collections.abc
 import math
 import numbers
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +31,7 @@ def is_text_list(value: Any) -> bool:
 
 
 # What each `FieldRule.kind` accepts, and how a type error says so unless the rule words it itself.
-KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+KINDS: dict[str, tuple[collections.abc.Callable[[Any], bool], str]] = {
     "int": (is_int, "expected an integer"),
     "number": (is_number, "expected a finite number"),
     "bool": (lambda value: isinstance(value, bool), "expected True or False"),

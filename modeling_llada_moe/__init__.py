@@ -3,7 +3,9 @@
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 
 from .configuration_llada_moe import LLaDAMoEConfig
-from .generation_utils import DiffusionBlockCache, DiffusionGenerateOutput, DiffusionGenerationConfig
+from .generation_cache import DiffusionBlockCache
+from .generation_config import DiffusionGenerationConfig
+from .generation_utils import DiffusionGenerateOutput
 from .modeling_llada_moe import (
     LLaDAMoEForMaskedLM,
     LLaDAMoEMaskedLMOutput,

@@ -18,8 +18,17 @@ MODEL_FILES = {
     "modeling_llada_moe.py",
     "configuration_llada_moe.py",
     "checkpoint_conversion.py",
-    "generation_utils.py",
+    "bnb_layout.py",
+    "expert_cache.py",
+    "fused_moe.py",
+    "moe_backends.py",
+    "validators.py",
     "forward_process.py",
+    "generation_utils.py",
+    "generation_config.py",
+    "generation_cache.py",
+    "generation_inputs.py",
+    "unmasking.py",
 }
 
 

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from time_limit import time_limit
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from modeling_llada_moe import generation_utils
+from modeling_llada_moe import generation_utils, unmasking
 
 
 MASK, PAD, VOCAB = 126, 120, 128
@@ -115,7 +115,7 @@ def test_logits_with_no_token_left_raise_instead_of_looping(processor, decoding)
 def test_forward_cap_commits_the_rest_of_a_block_when_the_rule_commits_nothing(monkeypatch):
     # A rule that never commits (what NaN confidences once did): the cap still ends every block.
     never = lambda scores, candidates, threshold: candidates & False  # noqa: E731
-    monkeypatch.setattr(generation_utils, "select_by_threshold", never)
+    monkeypatch.setattr(unmasking, "select_by_threshold", never)
     model, x = model_for(tied=False), prompts()
     with time_limit(20):
         out = model.diffusion_generate(x, threshold=0.9, return_dict_in_generate=True, **GEN)

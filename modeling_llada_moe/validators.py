@@ -4,10 +4,17 @@ counts as an integer, a number, a finite number. A bool is never a count, a size
 from __future__ import annotations
 
 import collections.abc
+import functools
 import math
 import numbers
+import types
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from huggingface_hub.dataclasses import as_validated_field
+from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassFieldValidationError
 
 
 def is_int(value: Any) -> bool:
@@ -112,13 +119,7 @@ def is_finite(value: Any) -> bool:
 # --- Declared field checks for `@strict` configs (`huggingface_hub.dataclasses.strict`, as transformers 5.23's own
 # configs use them): a field is declared once with its type and a validator, `rejected` / `wrong_type` word the error.
 
-import functools  # noqa: E402 (imports kept in this block, which other changes to the file do not touch)
-import types  # noqa: E402
-import typing  # noqa: E402
-from collections.abc import Callable  # noqa: E402
 
-from huggingface_hub.dataclasses import as_validated_field  # noqa: E402
-from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassFieldValidationError  # noqa: E402
 
 
 class Rejected(ValueError):

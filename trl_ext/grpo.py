@@ -169,7 +169,7 @@ class DiffusionGRPOConfig(GRPOConfig):
             )
         number("eubo_beta", lambda v: v > 0, "a finite float > 0")
         if self.decoding_preset is not None:
-            from modeling_llada_moe.generation_utils import DECODING_PRESETS
+            from modeling_llada_moe.generation_config import DECODING_PRESETS
 
             if not isinstance(self.decoding_preset, str) or self.decoding_preset not in DECODING_PRESETS:
                 raise ValueError(

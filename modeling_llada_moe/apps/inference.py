@@ -11,7 +11,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from ..atomic_save import staged_save, weight_files
-from ..generation_utils import DiffusionGenerationConfig
+from ..generation_config import DiffusionGenerationConfig
 from ..modeling_llada_moe import LLaDAMoEForMaskedLM
 
 

@@ -19,7 +19,7 @@ from typing import Any
 from transformers import GenerationConfig
 
 from .. import DiffusionGenerationConfig
-from ..generation_utils import DECODING_PRESETS, REMASKING_STRATEGIES, decoding_preset
+from ..generation_config import DECODING_PRESETS, REMASKING_STRATEGIES, decoding_preset
 from ..validators import is_finite, is_int
 
 

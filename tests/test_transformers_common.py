@@ -25,7 +25,6 @@ import unittest
 from pathlib import Path
 from unittest import mock
 
-import pytest
 import torch
 import transformers
 from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES, MODEL_MAPPING_NAMES

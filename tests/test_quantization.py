@@ -80,7 +80,9 @@ def test_footprint_against_fp32(saved_model, mode, limit):
     assert ratio <= limit
 
 
-@pytest.mark.parametrize(("mode", "limit"), [("nf4", 0.3), ("nf4_dq", 0.3), ("int8", 0.05)])
+# Measured: nf4 0.119, nf4_dq 0.120, int8 0.0127-0.0131 (it varies from run to run). A dropped routing weight in the
+# quantized experts gives nf4 0.133 (hidden by the 4-bit error), int8 0.062; int8's limit is 3x its error.
+@pytest.mark.parametrize(("mode", "limit"), [("nf4", 0.3), ("nf4_dq", 0.3), ("int8", 0.04)])
 def test_logits_error_within_quantization_expectations(saved_model, mode, limit):
     folder, fp32_model = saved_model
     model = load_quantized(folder, device_map="cpu", **MODES[mode])

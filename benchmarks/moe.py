@@ -225,6 +225,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     device = torch.device("cpu" if on_cpu else "cuda")
     dtype = torch.float32 if on_cpu else torch.bfloat16  # Triton's interpreter cannot do bf16
+    dtype_name = "float32" if on_cpu else "bf16"
     tiny = dict(hidden_size=128, expert_intermediate_size=64, num_experts=8, num_experts_per_tok=2)
     config = LLaDAMoEConfig(**(tiny if args.tiny else {}))
     config.dtype = dtype  # what quantized containers are dequantized to by the experts' properties
@@ -239,7 +240,7 @@ def main() -> None:
     peak = peak_bandwidth(args.peak_tbps)
     where = "CPU (Triton interpreter)" if on_cpu else torch.cuda.get_device_name()
     layer = "a tiny MoE layer (--tiny)" if args.tiny else "one 7B-shaped MoE layer"
-    print(f"# {where}: {layer} (H {H}, I {I}, E {E}, top-{top_k}), {str(dtype).removeprefix('torch.')}")
+    print(f"# {where}: {layer} (H {H}, I {I}, E {E}, top-{top_k}), {dtype_name}")
     timer = "the wall clock" if on_cpu else "CUDA events"
     print(
         f"# median of {args.repeats} runs timed with {timer}; GB/s = bytes of the distinct experts hit / time; "
@@ -264,7 +265,7 @@ def main() -> None:
         ("batched_mm", lambda x, i, w, m=experts: batched_mm_experts_forward(m, x, i, w), batched_mm_skip),
         ("llada_fused", fused and (lambda x, i, w, m=experts: fused(m, x, i, w)), None),
     ]
-    dense_title = f"{str(dtype).removeprefix('torch.')} experts (speedup vs eager)"
+    dense_title = f"{dtype_name} experts (speedup vs eager)"
     run_table(dense_title, dense_impls, inputs, expert_elements * dtype.itemsize, peak, args)
 
     if args.no_nf4:

@@ -9,6 +9,7 @@ H100 3.35, H200 4.8 TB/s by device name).
     python benchmarks/moe.py                                  # tokens 1 32 256 2048 16384
     python benchmarks/moe.py --tokens 1 64 512 --repeats 200
     python benchmarks/moe.py --no-nf4 --peak-tbps 2.0         # e.g. an H100 PCIe
+    python -m benchmarks.moe --tiny --tokens 1 7 --repeats 1  # smoke run of every row; also on CPU (see below)
 
 bf16: eager (per-expert loop), grouped_mm, batched_mm (skipped when its per-slot weight gather would exceed
 `--batched-mm-limit-gib`) and llada_fused (`fused_moe_experts_forward`).
@@ -18,14 +19,18 @@ dequantize + grouped_mm (both stacks dequantized by bitsandbytes every call), pl
 grouped_mm row of the same table.
 
 Needs CUDA and triton (bitsandbytes for the NF4 table). Without CUDA it prints a message and exits 0: the Triton
-interpreter runs the kernels on CPU, but far too slowly to time.
+interpreter runs the kernels on CPU, but far too slowly to time. `--tiny` (a smoke run that keeps the script from
+rotting; its figures mean nothing) measures a tiny layer (H 128, I 64, 8 experts, top-2) instead, and without CUDA runs
+it on CPU: float32 (the interpreter cannot do bf16), wall-clock timing, llada_fused in Triton's interpreter.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
+import time
 from collections.abc import Callable
 
 import torch
@@ -46,6 +51,8 @@ def peak_bandwidth(override: float | None) -> float | None:
     """Peak HBM bandwidth in bytes/s: the argument, else a default for the detected device, else None."""
     if override is not None:
         return override * 1e12
+    if not torch.cuda.is_available():
+        return None
     name = torch.cuda.get_device_name()
     for key, tbps in PEAK_TBPS.items():
         if key in name:
@@ -54,11 +61,17 @@ def peak_bandwidth(override: float | None) -> float | None:
 
 
 def time_ms(fn: Callable[[], torch.Tensor], warmup: int, repeats: int) -> float:
-    """Median milliseconds of `fn` over `repeats` runs, each timed by its own pair of CUDA events."""
+    """Median milliseconds of `fn` over `repeats` runs, each timed by its own pair of CUDA events (by the wall clock
+    without CUDA: `--tiny` on CPU)."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
+        if not torch.cuda.is_available():
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+            continue
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
@@ -188,14 +201,20 @@ def main() -> None:
     parser.add_argument("--no-nf4", action="store_true", help="skip the NF4 table")
     parser.add_argument("--double-quant", action="store_true", help="NF4 with double-quantized absmax")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--tiny", action="store_true", help="a tiny layer, on CPU without CUDA (a smoke run: figures mean nothing)"
+    )
     args = parser.parse_args()
 
-    if not torch.cuda.is_available():
+    on_cpu = not torch.cuda.is_available()
+    if on_cpu and not args.tiny:
         print(
             "benchmarks/moe.py: no CUDA device. The fused Triton kernels only run in the Triton interpreter on CPU, "
-            "which is far too slow to time; nothing measured."
+            "which is far too slow to time; nothing measured (--tiny runs a tiny layer on CPU)."
         )
         return
+    if on_cpu:
+        os.environ["TRITON_INTERPRET"] = "1"  # before fused_moe decorates its kernels: they then run on CPU tensors
     try:
         import triton  # noqa: F401
 
@@ -204,8 +223,11 @@ def main() -> None:
         fused = None
 
     torch.manual_seed(args.seed)
-    device, dtype = torch.device("cuda"), torch.bfloat16
-    config = LLaDAMoEConfig()
+    device = torch.device("cpu" if on_cpu else "cuda")
+    dtype = torch.float32 if on_cpu else torch.bfloat16  # Triton's interpreter cannot do bf16
+    dtype_name = "float32" if on_cpu else "bf16"
+    tiny = dict(hidden_size=128, expert_intermediate_size=64, num_experts=8, num_experts_per_tok=2)
+    config = LLaDAMoEConfig(**(tiny if args.tiny else {}))
     config.dtype = dtype  # what quantized containers are dequantized to by the experts' properties
     config._experts_implementation = "eager"  # calling the module runs its own per-expert loop
     with device:
@@ -216,9 +238,12 @@ def main() -> None:
     top_k = config.num_experts_per_tok
     expert_elements = 3 * I * H  # gate + up + down of one expert
     peak = peak_bandwidth(args.peak_tbps)
-    print(f"# {torch.cuda.get_device_name()}: one 7B-shaped MoE layer (H {H}, I {I}, E {E}, top-{top_k}), bf16")
+    where = "CPU (Triton interpreter)" if on_cpu else torch.cuda.get_device_name()
+    layer = "a tiny MoE layer (--tiny)" if args.tiny else "one 7B-shaped MoE layer"
+    print(f"# {where}: {layer} (H {H}, I {I}, E {E}, top-{top_k}), {dtype_name}")
+    timer = "the wall clock" if on_cpu else "CUDA events"
     print(
-        f"# median of {args.repeats} runs timed with CUDA events; GB/s = bytes of the distinct experts hit / time; "
+        f"# median of {args.repeats} runs timed with {timer}; GB/s = bytes of the distinct experts hit / time; "
         f"peak {f'{peak / 1e12:.2f} TB/s' if peak else 'unknown (pass --peak-tbps)'}"
     )
 
@@ -229,7 +254,7 @@ def main() -> None:
         inputs[tokens] = (x, index, weights.to(dtype), torch.unique(index).numel())
 
     def batched_mm_skip(tokens: int) -> str | None:
-        gather = tokens * top_k * expert_elements * 2  # one gate_up + down copy per token slot
+        gather = tokens * top_k * expert_elements * dtype.itemsize  # one gate_up + down copy per token slot
         if gather > args.batched_mm_limit_gib * 2**30:
             return f"gather {gather / 2**30:.0f} GiB > --batched-mm-limit-gib"
         return None
@@ -240,7 +265,8 @@ def main() -> None:
         ("batched_mm", lambda x, i, w, m=experts: batched_mm_experts_forward(m, x, i, w), batched_mm_skip),
         ("llada_fused", fused and (lambda x, i, w, m=experts: fused(m, x, i, w)), None),
     ]
-    run_table("bf16 experts (speedup vs eager)", dense_impls, inputs, expert_elements * 2, peak, args)
+    dense_title = f"{dtype_name} experts (speedup vs eager)"
+    run_table(dense_title, dense_impls, inputs, expert_elements * dtype.itemsize, peak, args)
 
     if args.no_nf4:
         return

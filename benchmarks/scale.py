@@ -3,6 +3,7 @@
     python -m benchmarks.scale --cache ~/.cache/llada_moe/scale            # writes ~14.7 GB once, then measures (CPU)
     python -m benchmarks.scale --cache DIR --modes bf16 nf4 --device cuda  # the same on a GPU
     python -m benchmarks.scale --cache DIR --layers 2                      # a 2-layer slice of the 7B shape
+    python -m benchmarks.scale --cache DIR --layers 1 --smoke              # a narrow slice: checks the script runs
 
 The checkpoint (written once per `--layers`, seeded) has the official layout: per-expert keys, `model_type: "llada"`,
 bf16 safetensors shards; with all 16 layers it holds the official 7,356,880,896 parameters. Each mode is measured in
@@ -13,7 +14,10 @@ pages are reclaimable and not counted; on a GPU the CUDA allocator's peak), `mem
 (`expert_cache_bytes=0`: every step dequantizes the experts it routes to). `nf4-bnb` loads with bitsandbytes' own CPU
 quantization kernel instead of `quantization.fast_quantize` (the baseline; the model is byte-identical, so only its
 load is measured). Times are single runs (minutes each at full size): read the ratios against bf16 in the same run.
-Not in CI.
+Not in CI at full size: a 1-layer slice alone is ~2 GB (the 157k-token embedding and lm_head are 1.3 GB) and takes
+minutes. `--smoke` narrows the layers instead (`SMOKE`: hidden 256, expert intermediate 128, 16 experts, a
+4096-token vocabulary with the special tokens moved inside it; 16 heads and top-8 kept), so the whole script runs in
+seconds; the tests run it to keep it from rotting (its figures mean nothing).
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ import torch
 
 MODES = ("bf16", "int8", "nf4", "nf4-bnb")  # nf4-bnb: quantized by bitsandbytes' own CPU kernel (load only)
 MiB = 2**20
+# --smoke: narrow layers (the official model: hidden 2048, expert intermediate 1024, 64 experts, 157,184 tokens)
+SMOKE = dict(hidden_size=256, expert_intermediate_size=128, num_experts=16, vocab_size=4096)
 
 
 def rss_anon() -> int:
@@ -63,11 +69,16 @@ class PeakAnon:
         self.peak = max(self.peak, rss_anon())
 
 
-def write_checkpoint(folder: Path, layers: int, seed: int = 0) -> None:
-    """A random bf16 LLaDA-MoE of the official shape (first `layers` layers) saved in the official layout."""
+def write_checkpoint(folder: Path, layers: int, seed: int = 0, smoke: bool = False) -> None:
+    """A random bf16 LLaDA-MoE of the official shape (first `layers` layers) saved in the official layout; `smoke`:
+    narrowed to `SMOKE`."""
     from modeling_llada_moe import LLaDAMoEConfig, LLaDAMoEForMaskedLM
 
-    config = LLaDAMoEConfig(num_hidden_layers=layers, moe_layer_freq=[1] * layers)
+    narrow = {}
+    if smoke:  # the official special tokens sit 292 / 289 below the vocabulary's end: kept there
+        eos = SMOKE["vocab_size"] - 292
+        narrow = dict(SMOKE, pad_token_id=eos, eos_token_id=eos, mask_token_id=SMOKE["vocab_size"] - 289)
+    config = LLaDAMoEConfig(num_hidden_layers=layers, moe_layer_freq=[1] * layers, **narrow)
     torch.manual_seed(seed)
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)  # built directly in bf16: an fp32 copy of the 7B would not fit in 24 GB
@@ -113,7 +124,7 @@ def measure(folder: Path, mode: str, device: str) -> dict:
     )
     if mode == "nf4-bnb":
         return figures
-    ids = torch.randint(0, 150000, (1, 64), device=device)
+    ids = torch.randint(0, min(150000, model.config.pad_token_id), (1, 64), device=device)  # no special tokens
     with torch.inference_mode():
         start = time.perf_counter()
         model(ids)
@@ -141,20 +152,25 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=16, help="layers of the 7B shape to keep (16 = the full model)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="narrow layers (hidden 256, 16 experts, 4096 tokens): checks that the script runs, figures mean nothing",
+    )
     parser.add_argument("--measure", choices=MODES, help=argparse.SUPPRESS)  # one mode, in a child process
     args = parser.parse_args()
     if not 1 <= args.layers <= 16:
         parser.error(f"--layers {args.layers}: expected 1 to 16 (the official model has 16)")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: CUDA is not available")
-    folder = args.cache / f"llada-moe-7b-a1b-random-{args.layers}-layers"
+    folder = args.cache / f"llada-moe-7b-a1b-random-{args.layers}-layers{'-smoke' if args.smoke else ''}"
     if args.measure:
         print(json.dumps(measure(folder, args.measure, args.device)))
         return
     if not (folder / "parameters.txt").is_file():
         folder.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
-        write_checkpoint(folder, args.layers)
+        write_checkpoint(folder, args.layers, smoke=args.smoke)
         print(f"wrote {folder} in {time.perf_counter() - start:.0f} s")
     parameters = int((folder / "parameters.txt").read_text())
     size = sum(path.stat().st_size for path in folder.glob("*.safetensors")) / 2**30
@@ -162,6 +178,7 @@ def main() -> None:
     rows = []
     for mode in args.modes:
         command = [sys.executable, "-m", "benchmarks.scale", "--cache", str(args.cache), "--layers", str(args.layers)]
+        command += ["--smoke"] if args.smoke else []
         done = subprocess.run([*command, "--device", args.device, "--measure", mode], capture_output=True, text=True)
         if done.returncode:
             print(f"{mode}: failed\n{done.stderr[-2000:]}")

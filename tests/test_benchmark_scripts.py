@@ -2,6 +2,8 @@
 performance lives in the scripts' printed tables, not in tests). A file of its own, so pytest-xdist runs it beside
 the examples' tests."""
 
+import time
+
 from test_examples_and_benchmarks import run, table_rows
 
 
@@ -44,3 +46,51 @@ def test_serve_benchmark_prints_its_table():
         ("1", "unbatched (max 1)"), ("1", "batched (max 16)"), ("2", "unbatched (max 1)"), ("2", "batched (max 16)")
     ]
     assert all(float(row[2]) > 0 for row in rows) and "8 concurrent requests" in out
+
+
+def test_moe_benchmark_prints_its_tables_on_a_tiny_layer():
+    # On CPU (CUDA hidden): float32, llada_fused in Triton's interpreter; both tables, every implementation.
+    start = time.perf_counter()
+    out = run("-m", "benchmarks.moe", "--tiny", "--tokens", "1", "7", "--repeats", "1", "--warmup", "0",
+              env={"CUDA_VISIBLE_DEVICES": ""})
+    print(f"benchmarks.moe --tiny took {time.perf_counter() - start:.1f} s")
+    assert "a tiny MoE layer (--tiny) (H 128, I 64, E 8, top-2), float32" in out
+    tables = [part.splitlines() for part in out.split("\n## ")[1:]]
+    assert [lines[0] for lines in tables] == [
+        "float32 experts (speedup vs eager)",
+        "NF4 experts (speedup vs dequantize + grouped_mm; GB/s counts the packed 4-bit bytes + absmax)",
+    ]
+    expected = (["eager", "grouped_mm", "batched_mm", "llada_fused"],
+                ["dequant + grouped_mm", "grouped_mm_chunked", "llada_fused (nf4)"])
+    for lines, names in zip(tables, expected, strict=True):
+        rows = [[cell.strip() for cell in line.split("|")] for line in lines[3:] if line.strip()]
+        assert [(row[0], row[1]) for row in rows] == [(tokens, name) for tokens in ("1", "7") for name in names]
+        assert all(float(row[2]) > 0 and row[2] != "skipped" for row in rows)  # every implementation ran
+        # llada_fused against the table's grouped_mm output: measured up to 3.3e-9 on outputs of up to 6.6e-3
+        # (float32); a skipped expert or a dropped routing weight is off by ~1e-3.
+        errors = [float(row[7]) for row in rows if row[1].startswith("llada_fused")]
+        assert len(errors) == 2 and all(error < 1e-7 for error in errors), errors
+
+
+def test_scale_benchmark_runs_a_narrow_one_layer_slice(tmp_path):
+    # The 7B's 1-layer slice alone is ~2 GB and minutes on CPU: --smoke narrows its layers (see benchmarks/scale.py).
+    start = time.perf_counter()
+    out = run("-m", "benchmarks.scale", "--cache", str(tmp_path), "--layers", "1", "--smoke")
+    print(f"benchmarks.scale --layers 1 --smoke took {time.perf_counter() - start:.1f} s")
+    folder = tmp_path / "llada-moe-7b-a1b-random-1-layers-smoke"
+    assert f"wrote {folder}" in out and "3,937,056 parameters" in out and "failed" not in out
+    config = (folder / "config.json").read_text()
+    assert '"model_type": "llada"' in config and '"num_experts": 16' in config  # the official layout, narrowed
+    rows = table_rows(out)
+    assert list(rows)[2:] == ["bf16", "int8", "nf4", "nf4-bnb"]  # after the header and its rule: every mode ran
+    weights = {mode: [float(mib) for mib in rows[mode][2].split(" / ")] for mode in rows if mode in MODES}
+    assert all(report == estimate for report, estimate in weights.values())  # memory_report == estimate_memory
+    assert weights["nf4"][0] == weights["nf4-bnb"][0] < weights["int8"][0] < weights["bf16"][0]
+    for mode in ("bf16", "int8", "nf4"):
+        assert rows[mode][4].endswith(" (2)")  # 8 new tokens in 2 steps: 2 forwards
+        assert float(rows[mode][5].split()[0]) > 0
+    assert rows["bf16"][6] == "–" and all(float(rows[mode][6].split()[0]) > 0 for mode in ("int8", "nf4"))
+    assert rows["nf4-bnb"][3:] == ["–"] * 4  # load only
+
+
+MODES = ("bf16", "int8", "nf4", "nf4-bnb")

@@ -1,5 +1,6 @@
 """The demo and the benchmark scripts run end to end (small settings), so they never rot."""
 
+import os
 import socket
 import subprocess
 import sys
@@ -14,8 +15,12 @@ from modeling_llada_moe.apps.tiny_task import save_tiny_folder
 DECODER_NAMES = ("reference sampler (1 token/step)", "threshold 0.9 + dual cache")
 
 
-def run(*args: str) -> str:
-    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+def run(*args: str, env: dict[str, str] | None = None) -> str:
+    """stdout of `python *args` run from the repository root (`env`: variables set on top of this process's)."""
+    result = subprocess.run(
+        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600, check=False,
+        env={**os.environ, **(env or {})},
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
 

@@ -76,7 +76,6 @@ REMOTE_LOAD = textwrap.dedent(
 
 
 def test_push_to_hub_example(tmp_path, monkeypatch, capsys):
-    pytest.importorskip("bitsandbytes")
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no_token"))  # no stored login
     folder = tmp_path / "hub"

@@ -9,9 +9,11 @@ import os
 import subprocess
 import sys
 
+import bitsandbytes as bnb  # the dev extra installs it (and triton): a broken install fails here instead of skipping
 import pytest
 import torch
 import torch.nn.functional as F
+import triton  # noqa: F401 (only to fail at once without it; the kernels need it)
 from bnb_reference import reference_dequantize_4bit
 from conftest import tiny_model
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_experts_forward
@@ -19,11 +21,10 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_expe
 
 # Without CUDA, Triton's interpreter runs the kernels; it has to be on when the kernels are decorated (the first
 # import of fused_moe, below). With CUDA the compiled kernels run (the interpreter cannot do bf16). The kernels use
-# only builtin `tl` ops, so it does not matter that conftest's imports loaded triton before this line.
+# only builtin `tl` ops, so it does not matter that triton was imported before this line.
 SET_INTERPRET = not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ
 if SET_INTERPRET:
     os.environ["TRITON_INTERPRET"] = "1"
-pytest.importorskip("triton", reason="triton is not installed: the fused MoE kernels cannot run")
 
 from modeling_llada_moe import fused_moe as fm  # noqa: E402 (after TRITON_INTERPRET)
 
@@ -154,7 +155,6 @@ def test_chunked_long_input_matches_unchunked(monkeypatch):
 
 def quantize_container(weight: torch.Tensor, compress_statistics: bool, quant_type: str = "nf4"):
     """A `Linear4bit` holding `weight` [out, in] the way a bnb-quantized model does, and its dequantized weight."""
-    bnb = pytest.importorskip("bitsandbytes")
     packed, state = bnb.functional.quantize_4bit(
         weight, blocksize=64, quant_type=quant_type, compress_statistics=compress_statistics
     )
@@ -279,7 +279,6 @@ def test_without_a_kernel_device_falls_back_to_grouped_mm(monkeypatch):
 @torch.no_grad()
 def test_cpu_layout_container_falls_back_to_chunked_grouped_mm():
     # bitsandbytes' AVX512-BF16 CPU layout (what its Linear4bit forward writes on such hosts), made here on any host.
-    bnb = pytest.importorskip("bitsandbytes")
     model = tiny_model(seed=0)
     experts, hidden, index, weights = routed_inputs(model, 12)
     experts.gate_up, gate_up_dq = quantize_container(experts.gate_up.weight.data, False)

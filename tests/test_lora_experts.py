@@ -1,6 +1,7 @@
 """LoRA on the routed experts (`trl_ext.peft_experts`): one adapter per expert, applied by every experts
 backend and on 4-bit experts, trained by the SFT trainer, saved / reloaded / merged through PEFT."""
 
+import bitsandbytes as bnb  # the dev extra installs it: a broken install fails these tests instead of skipping them
 import pytest
 import torch
 from conftest import tiny_model, tiny_tokenizer
@@ -95,7 +96,6 @@ def test_save_load_and_merge_give_the_adapted_logits(tmp_path):
 
 
 def test_qlora_on_4bit_experts(tmp_path):
-    bnb = pytest.importorskip("bitsandbytes")
     from quantization import load_quantized
 
     tiny_model().save_pretrained(tmp_path)
@@ -118,7 +118,9 @@ def test_qlora_on_4bit_experts(tmp_path):
     reference = adapted(dequantized)
     adapter = {name: value for name, value in peft_model.state_dict().items() if "lora_" in name}
     assert not reference.load_state_dict(adapter, strict=False).unexpected_keys
-    torch.testing.assert_close(out, reference(ids()).logits, rtol=1e-4, atol=1e-4)
+    # Measured: logits up to 0.61, the adapter moves them by up to 0.83, the two paths differ by 3.4e-7 (float32);
+    # 2e-6 is 6x that.
+    torch.testing.assert_close(out, reference(ids()).logits, rtol=0, atol=2e-6)
     peft_model.train()
     peft_model(input_ids=ids(), labels=ids()).loss.backward()
     grads = [p.grad for n, p in peft_model.named_parameters() if "lora_" in n]

@@ -7,17 +7,15 @@ The model keeps bitsandbytes' 4-bit weights on the standard layout on every CPU 
 import json
 import sys
 
+import bitsandbytes as bnb  # the dev extra installs it: a broken install fails these tests instead of skipping them
 import pytest
 import torch
 from conftest import tiny_config, tiny_model
 from official_reference import official_config_dict, official_state_dict, write_official_checkpoint
 from torch import nn
 
-
-bnb = pytest.importorskip("bitsandbytes")
-
-from modeling_llada_moe import LLaDAMoEConfig, LLaDAMoEForMaskedLM  # noqa: E402
-from quantization import (  # noqa: E402
+from modeling_llada_moe import LLaDAMoEConfig, LLaDAMoEForMaskedLM
+from quantization import (
     bnb_config,
     check_lora_targets,
     estimate_memory,
@@ -82,7 +80,9 @@ def test_footprint_against_fp32(saved_model, mode, limit):
     assert ratio <= limit
 
 
-@pytest.mark.parametrize(("mode", "limit"), [("nf4", 0.3), ("nf4_dq", 0.3), ("int8", 0.05)])
+# Measured: nf4 0.119, nf4_dq 0.120, int8 0.0127-0.0131 (it varies from run to run). A dropped routing weight in the
+# quantized experts gives nf4 0.133 (hidden by the 4-bit error), int8 0.062; int8's limit is 3x its error.
+@pytest.mark.parametrize(("mode", "limit"), [("nf4", 0.3), ("nf4_dq", 0.3), ("int8", 0.04)])
 def test_logits_error_within_quantization_expectations(saved_model, mode, limit):
     folder, fp32_model = saved_model
     model = load_quantized(folder, device_map="cpu", **MODES[mode])
@@ -105,7 +105,10 @@ def test_chunked_experts_equal_dequantize_then_grouped_mm(saved_model, mode):
         chunked = experts(hidden, index, weights)
         model.set_experts_implementation("grouped_mm")  # reads the whole dequantized stack
         whole = experts(hidden, index, weights)
-    torch.testing.assert_close(chunked.float(), whole.float(), atol=2e-2, rtol=2e-2)
+    # Measured (AVX512-BF16 host, every mode): outputs up to 4.3e-3 (mean 9e-4), chunked - whole exactly 0 (both read
+    # the same dequantized weights). 1e-4 is ~3 bf16 steps at the largest output, for other hosts' bf16 matmuls; a
+    # skipped expert, a dropped routing weight or swapped gate/up in grouped_mm_chunked move them by 1.1e-3 to 3.8e-3.
+    torch.testing.assert_close(chunked.float(), whole.float(), atol=1e-4, rtol=0)
     assert experts.gate_up_proj.shape == (8, 64, 64) and experts.gate_up_proj.dtype == torch.bfloat16
 
 

@@ -230,6 +230,52 @@ def test_config_fields_property_builds_or_names_the_field(overrides):
             assert logits.shape == (1, 4, config.vocab_size)
 
 
+# Valid values only (each alone and in any combination with the tiny config): the config must build and the model
+# must run. The property test above accepts a clear error for any input, so a config that refused everything would
+# pass it; this one would not.
+VALID = {
+    "hidden_act": st.sampled_from(["silu", "gelu", "relu"]),
+    "initializer_range": st.floats(1e-4, 1.0),
+    "rms_norm_eps": st.floats(1e-8, 1e-2),
+    "max_position_embeddings": st.integers(16, 4096),
+    "dense_intermediate_size": st.integers(1, 128),
+    "expert_intermediate_size": st.integers(1, 8).map(lambda n: 8 * n),  # 16-byte rows for grouped_mm
+    "shared_expert_intermediate_size": st.none() | st.integers(1, 64),
+    "attention_dropout": st.floats(0.0, 0.9),
+    "clip_qkv": st.none() | st.floats(1e-3, 1e4),
+    "num_experts_per_tok": st.integers(1, 8),
+    "moe_layer_freq": st.lists(st.integers(0, 1), min_size=2, max_size=2),
+    "routed_scaling_factor": st.floats(1e-3, 16.0),
+    "moe_router_score_function": st.sampled_from(["softmax", "sigmoid"]),
+    "router_aux_loss_coef": st.floats(0.0, 1.0),
+    "router_z_loss_coef": st.floats(0.0, 1.0),
+    "rope_theta": st.floats(10.0, 1e7),
+    "partial_rotary_factor": st.sampled_from([0.25, 0.5, 1.0]),  # rotary dims 4, 8, 16 of head_dim 16
+    **{
+        field: st.booleans()
+        for field in ("use_cache", "tie_word_embeddings", "attention_bias", "qk_layernorm", "norm_topk_prob")
+    },
+    "moe_router_enable_expert_bias": st.booleans(),
+    "output_router_logits": st.booleans(),
+}
+
+
+@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(overrides=st.fixed_dictionaries({}, optional=VALID))
+def test_config_valid_fields_property_builds_and_runs(overrides):
+    with time_limit(10):
+        config = LLaDAMoEConfig(**{**TINY, **overrides})
+        for field, value in overrides.items():
+            held = config.rope_parameters if field in ("rope_theta", "partial_rotary_factor") else vars(config)
+            assert held[field] == value, field
+        assert LLaDAMoEConfig(**config.to_dict()).to_dict() == config.to_dict()
+        torch.manual_seed(0)
+        model = LLaDAMoEForMaskedLM(config).eval()
+        with torch.no_grad():
+            logits = model(IDS).logits
+        assert logits.shape == (1, IDS.shape[1], 128) and torch.isfinite(logits).all()
+
+
 # --- item 8: saves -------------------------------------------------------------------------------------------------
 
 

@@ -132,7 +132,7 @@ def test_streamer_stops_printing_at_the_end_of_the_turn(capsys):
 
 
 def test_generate_8bit_on_cpu(chat_folder, capsys):
-    pytest.importorskip("bitsandbytes")
+    import bitsandbytes  # noqa: F401  (a dev dependency: missing, the test fails)
     model, tokenizer = load_model_and_tokenizer(chat_folder, bits=8, device="cpu")
     expected, _ = expected_answer(model, tokenizer, encode_prompt(tokenizer, "t3 t4"), **DECODING)
     code, out, _ = run_cli(capsys, "generate", "--model", chat_folder, "--bits", "8", "t3 t4", "--no-stream", *FLAGS)
@@ -193,7 +193,7 @@ def test_convert_official_checkpoint_then_push_to_an_unreachable_hub(official_sm
 
 
 def test_convert_4bit_without_a_token_explains_how_to_push(official_folder, tmp_path, capsys, monkeypatch):
-    bnb = pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no_token"))  # no stored login
     out = tmp_path / "nf4"

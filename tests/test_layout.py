@@ -134,3 +134,14 @@ def test_a_saved_folder_holds_the_shipped_files_and_no_app_code(tmp_path):
     tiny_model().save_pretrained(tmp_path)
     saved = {path.name for path in tmp_path.glob("*.py")}
     assert saved == {path.name for path in shipped_files()}
+
+
+def test_no_test_skips_on_a_missing_dev_dependency():
+    # Everything the suite imports comes with the `dev` extra: a broken install must fail the run, not skip tests.
+    offenders = [
+        f"{path.name}:{node.lineno}"
+        for path in sorted((ROOT / "tests").glob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Call) and ast.unparse(node.func) in {"pytest.importorskip", "importorskip"}
+    ]
+    assert offenders == []

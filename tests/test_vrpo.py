@@ -648,7 +648,7 @@ def test_evaluation_loss_is_reproducible(tmp_path):
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_qlora_on_a_quantized_model_trains_the_adapters(tmp_path, bits):
-    pytest.importorskip("bitsandbytes")
+    import bitsandbytes  # noqa: F401  (a dev dependency: missing, the test fails)
     from peft import LoraConfig
 
     from quantization import load_quantized, qlora_target_modules

@@ -713,8 +713,9 @@ class Server:
             if len(prompt) + config.max_new_tokens > limit:
                 # Blame max_tokens only where the request set it and a shorter answer would fit.
                 param = length_fields[0] if length_fields and len(prompt) < limit else where
+                length = length_fields[0] if length_fields else "max_tokens"
                 default = "" if length_fields else " (the server's default; send a smaller max_tokens)"
-                raise APIError(400, f"the prompt ({len(prompt)} tokens) + max_tokens ({config.max_new_tokens}"
+                raise APIError(400, f"the prompt ({len(prompt)} tokens) + {length} ({config.max_new_tokens}"
                                f"{default}) = {len(prompt) + config.max_new_tokens} tokens exceed the {limit} "
                                "positions this server can give one request (the model's max_position_embeddings "
                                f"{self.model.config.max_position_embeddings}, less "

@@ -16,6 +16,14 @@ exactly as it would alone (`diffusion_generate`'s padding guarantee), so greedy 
 Every row starts with one (or more) padding positions holding its row number: a `StoppingCriteria` reads it to stop
 that row at the next block boundary when its client has gone or its text holds one of its stop strings, while the
 batch goes on for the other rows.
+
+Failures: settings that cannot work (`ServeOptions`, a default answer length that leaves no room for a prompt) are
+refused when the app is made. A request that could never be served (more rows than the queue or a batch holds, a
+prompt too long) is a 400 naming the field; a full queue a 503 with Retry-After. A batch that raises is decoded again
+one request at a time, so only the request that causes a failure gets it: a 400 naming the field when the decoding
+names a setting the request set (`cfg_scale`=1e300 makes the logits NaN), else a 500. If the worker thread itself dies,
+`/health` answers 503 with the reason, the requests in flight and queued fail at once and new ones get 503 (the
+command line shuts the server down, exit 1). A client that disconnects, even mid-body, is counted as 499, not an error.
 """
 
 from __future__ import annotations
@@ -591,6 +599,10 @@ class ServeOptions:
         max_queue: rows waiting at most; more answer 503 with Retry-After.
         api_key: when set, `/v1/*` needs `Authorization: Bearer <api_key>`.
         max_body_bytes: larger request bodies answer 413.
+
+    Raises:
+        ServeOptionError: (a `ValueError`) naming the option, for a value the server cannot work with (e.g. a batch
+            window above a minute, NaN, a queue of 0, an empty stop string or API key).
     """
 
     model_name: str = "llada-moe"

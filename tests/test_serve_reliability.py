@@ -207,6 +207,15 @@ def test_a_long_prompt_without_max_tokens_blames_the_prompt(served):
                     "/v1/completions"), "prompt")
 
 
+def test_max_tokens_below_the_servers_steps_says_so(tiny):
+    model, tokenizer = tiny
+    with serving(model, tokenizer, defaults=decoding_config(model, steps=16)) as running:
+        assert_400(post(running, {"model": MODEL, "prompt": "t1", "max_tokens": 8}, "/v1/completions"), "max_tokens",
+                   "`max_tokens`=8 is invalid; expected a positive integer, at least steps=16")
+        response = post(running, {"model": MODEL, "prompt": "t1", "max_tokens": 8, "steps": 8}, "/v1/completions")
+        assert response.status_code == 200, response.text
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # numbers the decoding cannot use: 400 naming the field; a failing batch fails only the request that caused it
 # ----------------------------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import gc
 import json
 import math
@@ -99,6 +100,15 @@ def positive_float(text: str) -> float:
 
 def unit_interval(text: str) -> float:
     return _number(text, float, "a number in (0, 1]", lambda v: 0 < v <= 1)
+
+
+def batch_window(text: str) -> float:
+    """`--batch-window-ms`: a number >= 0, at most a minute (60000)."""
+    value = non_negative_float(text)
+    if value > 60_000:
+        raise argparse.ArgumentTypeError(f"{text!r} is more than 60000 (a minute); expected a number of milliseconds "
+                                          "in [0, 60000]")
+    return value
 
 
 def port_number(text: str) -> int:
@@ -449,28 +459,88 @@ def run_chat(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+# The flag of each `ServeOptions` field (and of the decoding defaults' max_new_tokens) a `ServeOptionError` names.
+SERVE_FLAGS = {
+    "model_name": "--served-model-name", "stop": "--stop", "seed": "--seed", "max_batch_size": "--max-batch-size",
+    "batch_window_ms": "--batch-window-ms", "max_queue": "--max-queue", "api_key": "--api-key",
+    "max_new_tokens": "--max-new-tokens", "defaults": "the decoding flags",
+}
+
+
+def serve_option_error(err: ValueError, args: argparse.Namespace) -> ValueError:
+    """A `ServeOptionError` worded with the flag it names (a value from the model's generation_config.json says so)."""
+    flag = SERVE_FLAGS.get(err.option, err.option)
+    if err.option == "max_new_tokens" and args.max_new_tokens is None:
+        return ValueError(f"the model's generation_config.json has max_new_tokens={err.value}, too long to serve: "
+                          f"pass --max-new-tokens, expected {err.accepted}")
+    value = "<hidden>" if err.option == "api_key" else repr(err.value)
+    return ValueError(f"{flag}={value} is invalid; expected {err.accepted}")
+
+
+def listening_socket(host: str, port: int):
+    """A socket bound to `host`:`port`, made before the model loads so that an address that cannot be used is an
+    error naming the flag (exit 2) at once."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as err:
+        raise ValueError(f"--host={host!r} is invalid; expected an address or a name of this machine ({err})") from err
+    family, kind, protocol, _, address = infos[0]
+    sock = socket.socket(family, kind, protocol)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as err:
+        sock.close()
+        flag, value = ("--port", port) if err.errno in (errno.EADDRINUSE, errno.EACCES) else ("--host", host)
+        raise ValueError(f"{flag}={value!r} is invalid: cannot listen on {host}:{port} ({err.strerror})") from err
+    return sock
+
+
 def run_serve(args: argparse.Namespace) -> int:
     check_model_source(args.model)
     try:
         import uvicorn
 
-        from .serve import ServeOptions, create_app
+        from .serve import ServeOptionError, ServeOptions, create_app
     except ImportError as err:
         raise ImportError(f"`llada-moe serve` needs the serve extra: pip install 'llada-moe[serve]' ({err})") from err
-    model, tokenizer = load(args)
-    options = ServeOptions(
-        model_name=args.served_model_name or args.model,
-        defaults=flags_config(model, decoding_fields(args)),  # --preset, then the flags
-        stop=tuple(args.stop_strings),
-        seed=args.seed,
-        max_batch_size=args.max_batch_size,
-        batch_window_ms=args.batch_window_ms,
-        max_queue=args.max_queue,
-        api_key=args.api_key,
-    )
-    app = create_app(model, tokenizer, options)
-    # uvicorn handles SIGINT / SIGTERM: no new connections, in-flight requests finish, then the batcher stops.
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    try:  # the settings that need no model first: a bad one fails before the (long) load
+        options = ServeOptions(
+            model_name=args.served_model_name or args.model,
+            stop=tuple(args.stop_strings),
+            seed=args.seed,
+            max_batch_size=args.max_batch_size,
+            batch_window_ms=args.batch_window_ms,
+            max_queue=args.max_queue,
+            api_key=args.api_key,
+        )
+    except ServeOptionError as err:
+        raise serve_option_error(err, args) from err
+    sock = listening_socket(args.host, args.port)
+    try:
+        model, tokenizer = load(args)
+        options.defaults = flags_config(model, decoding_fields(args))  # --preset, then the flags
+        try:
+            app = create_app(model, tokenizer, options)
+        except ServeOptionError as err:
+            raise serve_option_error(err, args) from err
+        server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))
+        failures = []
+
+        def stop(reason: str) -> None:  # the decoding worker died: shut down, exit 1
+            failures.append(reason)
+            server.should_exit = True
+
+        app.state.server.scheduler.on_failure.append(stop)
+        # uvicorn handles SIGINT / SIGTERM: no new connections, in-flight requests finish, then the batcher stops.
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+    if failures:
+        print(f"error: the decoding worker stopped ({failures[0]}); the server shut down", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -786,11 +856,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     group.add_argument(
         "--batch-window-ms",
-        type=non_negative_float,
+        type=batch_window,
         default=5.0,
         metavar="MS",
-        help="how long a request waits for others to batch with (default 5; requests queued while a batch runs "
-        "join the next one anyway)",
+        help="how long a request waits for others to batch with, at most 60000 (default 5; requests queued while "
+        "a batch runs join the next one anyway)",
     )
     group.add_argument(
         "--max-queue", type=positive_int, default=256, metavar="N", help="rows waiting at most; more get 503 (256)"

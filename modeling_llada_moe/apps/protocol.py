@@ -138,7 +138,7 @@ class GenerationRequest(DecodingFields):
 
     model: Text
     stop: Annotated[list[str], PlainValidator(_stops)] = []
-    seed: Annotated[int, Field(ge=0, lt=2**63)] | None = None
+    seed: Annotated[int, Field(ge=0, lt=2**64)] | None = None  # torch.Generator.manual_seed takes [0, 2**64)
     n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None

@@ -16,6 +16,14 @@ exactly as it would alone (`diffusion_generate`'s padding guarantee), so greedy 
 Every row starts with one (or more) padding positions holding its row number: a `StoppingCriteria` reads it to stop
 that row at the next block boundary when its client has gone or its text holds one of its stop strings, while the
 batch goes on for the other rows.
+
+Failures: settings that cannot work (`ServeOptions`, a default answer length that leaves no room for a prompt) are
+refused when the app is made. A request that could never be served (more rows than the queue or a batch holds, a
+prompt too long) is a 400 naming the field; a full queue a 503 with Retry-After. A batch that raises is decoded again
+one request at a time, so only the request that causes a failure gets it: a 400 naming the field when the decoding
+names a setting the request set (`cfg_scale`=1e300 makes the logits NaN), else a 500. If the worker thread itself dies,
+`/health` answers 503 with the reason, the requests in flight and queued fail at once and new ones get 503 (the
+command line shuts the server down, exit 1). A client that disconnects, even mid-body, is counted as 499, not an error.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import copy
 import hmac
 import json
 import logging
+import re
 import threading
 import time
 import uuid
@@ -46,7 +55,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from .. import DiffusionGenerationConfig
 from ..modeling_llada_moe import LLaDAMoEForMaskedLM
-from ..validators import is_int
+from ..validators import is_finite, is_int
 from .inference import end_of_turn_ids
 from .protocol import (
     MAX_CHOICES,
@@ -200,6 +209,7 @@ class Job:
     arrived: float = field(default_factory=time.monotonic)
     cancelled: bool = False
     finished: bool = False
+    fields: dict[str, Any] = field(default_factory=dict)  # the decoding fields the request set, as it named them
 
     key: str = ""
 
@@ -225,6 +235,29 @@ class Job:
 # ----------------------------------------------------------------------------------------------------------------
 # The worker: batching, the per-row stop, the block streamer
 # ----------------------------------------------------------------------------------------------------------------
+
+
+# The request fields that set a decoding config field of another name (an error naming it blames them).
+REQUEST_FIELDS = {"max_new_tokens": ("max_tokens", "max_completion_tokens"), "cache_implementation": ("cache",)}
+
+
+def decoding_failed(job: Job, err: Exception) -> APIError:
+    """The error a job gets when its decoding raised: a `ValueError` naming a decoding setting the request itself
+    set (`cfg_scale`=1e300 making the logits NaN) is the request's fault, a 400 naming that field; anything else is
+    the server's, a 500."""
+    if isinstance(err, ValueError):
+        for name in re.findall(r"\b([a-z_]+)`?=", str(err)):  # "cfg_scale=1e+300", "`cfg_scale`=1e+300"
+            for field in REQUEST_FIELDS.get(name, (name,)):
+                if field in job.fields:
+                    return APIError(400, f"`{field}`={shown(job.fields[field])} is invalid: the decoding it asks "
+                                    f"for fails ({err})", param=field, code="invalid_value")
+    return APIError(500, f"decoding failed: {type(err).__name__}: {err}", code="decoding_failed",
+                    kind="server_error")
+
+
+def worker_stopped(reason: str) -> APIError:
+    return APIError(503, f"the decoding worker has stopped ({reason}); this server cannot answer any request until "
+                    "it is restarted", code="worker_stopped", kind="server_error")
 
 
 class BatchCancelled(Exception):
@@ -276,6 +309,14 @@ def decoded_rows(job: Job) -> list[Row]:
     return decoded
 
 
+def tag_columns(rows: int, base: int) -> int:
+    """Tag positions a batch of `rows` rows takes: base-`base` digits of the largest row number."""
+    columns = 1
+    while base**columns < rows:
+        columns += 1
+    return columns
+
+
 def tag_ids(number: int, columns: int, base: int, mask_id: int) -> list[int]:
     """`number` in `columns` base-`base` digits as token ids, skipping the mask id (a prompt may not hold it)."""
     digits = []
@@ -321,6 +362,10 @@ class QueueFull(Exception):
     pass
 
 
+class WorkerStopped(Exception):
+    """The worker thread has died: no request can be decoded any more."""
+
+
 class Scheduler:
     """Owns the model in one worker thread; coalesces compatible queued jobs into left-padded batches."""
 
@@ -329,8 +374,12 @@ class Scheduler:
         self.model, self.tokenizer, self.metrics = model, tokenizer, metrics
         self.max_batch_size, self.window, self.max_queue = max_batch_size, batch_window_ms / 1000, max_queue
         self.pending: deque[Job] = deque()
+        self.running: list[Job] = []  # the jobs of the batch in flight
         self.condition = threading.Condition()
         self.closing = False
+        self.failure: str | None = None  # why the worker died; then every request fails at once
+        self.on_failure: list[Callable[[str], None]] = []  # called (from the worker) when it dies
+        metrics.worker_up.set(1)
         vocab = model.config.vocab_size
         mask = model.generation_config.mask_token_id
         self.mask_id = model.config.mask_token_id if mask is None else mask
@@ -339,10 +388,7 @@ class Scheduler:
         self.thread.start()
 
     def tag_columns(self, rows: int) -> int:
-        columns = 1
-        while self.base**columns < rows:
-            columns += 1
-        return columns
+        return tag_columns(rows, self.base)
 
     @property
     def reserved_positions(self) -> int:
@@ -351,6 +397,8 @@ class Scheduler:
 
     def submit(self, job: Job) -> None:
         with self.condition:
+            if self.failure is not None:
+                raise WorkerStopped(self.failure)
             if self.closing:
                 raise QueueFull("the server is shutting down")
             waiting = sum(len(queued.rows) for queued in self.pending)
@@ -411,12 +459,35 @@ class Scheduler:
         return sum(len(job.rows) for job in self.pending if job.key == key)
 
     def work(self) -> None:
-        while True:
-            batch = self.next_batch()
-            if batch is None:
-                return
-            if batch:
-                self.run(batch)
+        try:
+            while True:
+                batch = self.next_batch()
+                if batch is None:
+                    return
+                if batch:
+                    self.running = batch
+                    self.run(batch)
+                    self.running = []
+        except BaseException as err:  # the worker itself failed (not one batch): nothing can be decoded any more
+            self.die(err)
+
+    def die(self, err: BaseException) -> None:
+        """The worker is dead: record why, fail the batch in flight and every queued job at once, refuse new ones
+        (`submit`), and tell the `on_failure` callbacks (the command line stops the server: exit 1)."""
+        reason = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+        logger.critical("the decoding worker stopped (%s); every request now fails", reason, exc_info=err)
+        with self.condition:
+            self.failure = reason
+            jobs, self.running = [*self.running, *self.pending], []
+            self.pending.clear()
+            self.metrics.queue_depth.set(0)
+        self.metrics.worker_up.set(0)
+        for job in jobs:
+            if not job.finished and not job.cancelled:
+                job.finished = True
+                job.send("error", worker_stopped(reason))
+        for callback in self.on_failure:
+            callback(reason)
 
     def run(self, jobs: list[Job]) -> None:
         rows = [(job, row) for job in jobs for row in decoded_rows(job)]
@@ -450,12 +521,29 @@ class Scheduler:
         except BatchCancelled:
             pass
         except Exception as err:  # a fault inside this batch fails its requests only; the worker goes on
-            logger.exception("a batch of %d rows failed", len(rows))
-            self.metrics.batch_failures.inc()
-            for job in jobs:
-                if not job.finished:
-                    job.finished = True
-                    job.send("error", f"{type(err).__name__}: {err}")
+            alive = [job for job in jobs if not job.finished and not job.cancelled]
+            retry = [job for job in alive if not (job.stream and any(row.ids for row in job.rows))]
+            if len(jobs) > 1 and retry:
+                # Which request caused it is unknown: decode again each one that has sent nothing yet, alone, so
+                # a request fails only for what it does itself (a row decodes alone as in any batch).
+                logger.warning("a batch of %d requests failed (%s: %s); decoding them one by one", len(jobs),
+                               type(err).__name__, err)
+                for job in alive:
+                    if job not in retry:
+                        job.finished = True
+                        job.send("error", decoding_failed(job, err))
+                for job in retry:
+                    for row in job.rows:
+                        row.ids, row.stop_cut, row.copies = [], None, []
+                    self.run([job])
+                return
+            failure = decoding_failed(jobs[0], err)
+            if failure.status >= 500:
+                logger.exception("a batch of %d rows failed", len(rows))
+                self.metrics.batch_failures.inc()
+            for job in alive:
+                job.finished = True
+                job.send("error", decoding_failed(job, err))
             return
         for job in jobs:
             if not job.finished:
@@ -484,6 +572,8 @@ class Metrics:
         self.batch_rows = Histogram("llada_moe_batch_rows", "rows decoded together", registry=r,
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128))
         self.queue_depth = Gauge("llada_moe_queue_depth", "rows waiting for a batch", registry=r)
+        self.worker_up = Gauge("llada_moe_worker_up", "1 while the decoding worker runs, 0 once it has died",
+                               registry=r)
         self.queue_seconds = Histogram("llada_moe_queue_seconds", "time from arrival to the start of its batch",
                                        registry=r)
         self.latency = Histogram("llada_moe_request_seconds", "time from arrival to the last token", registry=r,
@@ -509,6 +599,10 @@ class ServeOptions:
         max_queue: rows waiting at most; more answer 503 with Retry-After.
         api_key: when set, `/v1/*` needs `Authorization: Bearer <api_key>`.
         max_body_bytes: larger request bodies answer 413.
+
+    Raises:
+        ServeOptionError: (a `ValueError`) naming the option, for a value the server cannot work with (e.g. a batch
+            window above a minute, NaN, a queue of 0, an empty stop string or API key).
     """
 
     model_name: str = "llada-moe"
@@ -520,6 +614,44 @@ class ServeOptions:
     max_queue: int = 256
     api_key: str | None = None
     max_body_bytes: int = 1 << 20
+
+    def __post_init__(self):
+        """Refuse settings a server cannot work with (a `ServeOptionError` naming the option), so that it never
+        starts only to fail every request."""
+        checks = (
+            ("model_name", lambda v: isinstance(v, str) and v.strip() != "", "a non-empty string"),
+            ("stop", lambda v: isinstance(v, (tuple, list)) and all(isinstance(s, str) and s for s in v),
+             "a list of non-empty strings (an empty one would end every answer at once)"),
+            ("seed", lambda v: v is None or (is_int(v) and 0 <= v < 2**64), "None or an integer in [0, 2**64)"),
+            ("max_batch_size", lambda v: is_int(v) and v >= 1, "a positive integer"),
+            ("batch_window_ms", lambda v: is_finite(v) and 0 <= v <= MAX_BATCH_WINDOW_MS,
+             f"a number of milliseconds in [0, {MAX_BATCH_WINDOW_MS}]"),
+            ("max_queue", lambda v: is_int(v) and v >= 1, "a positive integer"),
+            ("api_key", lambda v: v is None or (isinstance(v, str) and v != "" and all("!" <= c <= "~" for c in v)),
+             "None or a non-empty key of visible ASCII characters (no spaces: a bearer token cannot carry them)"),
+            ("max_body_bytes", lambda v: is_int(v) and v >= 1, "a positive integer"),
+        )
+        for name, ok, accepted in checks:
+            if not ok(getattr(self, name)):
+                raise ServeOptionError(name, getattr(self, name), accepted)
+        self.stop = tuple(self.stop)
+        if self.defaults is not None and not isinstance(self.defaults, DiffusionGenerationConfig):
+            raise ServeOptionError("defaults", self.defaults, "None or a DiffusionGenerationConfig")
+
+
+MAX_BATCH_WINDOW_MS = 60_000  # a request waits at most a minute for company
+
+
+class ServeOptionError(ValueError):
+    """A server setting that cannot work: `option` names it (a `ServeOptions` field, or `max_new_tokens` of the
+    decoding defaults), `value` is what was given (an API key is never shown) and `accepted` what it takes."""
+
+    def __init__(self, option: str, value: Any, accepted: str):
+        self.option, self.value, self.accepted = option, value, accepted
+        shown = "<hidden>" if option == "api_key" and value is not None else repr(value)
+        shown = shown if len(shown) <= 80 else shown[:77] + "..."
+        super().__init__(f"`{option}`={shown} is invalid; expected {accepted}")
+
 
 class Server:
     """Turns validated OpenAI requests into jobs for the `Scheduler` and their events into OpenAI responses."""
@@ -539,6 +671,22 @@ class Server:
                          num_return_sequences=1, return_dict_in_generate=False, output_history=False)
         self.tokenizer_lock = threading.Lock()
         self.mask_id = self.base.mask_token_id if self.base.mask_token_id is not None else model.config.mask_token_id
+        try:
+            self.base.validate()
+        except (ValueError, TypeError) as err:
+            raise ServeOptionError("defaults", base, f"a valid DiffusionGenerationConfig ({err})") from err
+        positions = model.config.max_position_embeddings
+        reserved = tag_columns(max(options.max_batch_size, MAX_CHOICES), model.config.vocab_size - 1)
+        if reserved + 2 > positions:
+            raise ServeOptionError("max_batch_size", options.max_batch_size, f"a size whose row tags ({reserved} "
+                                   f"positions) leave room for a prompt in the model's {positions} positions")
+        if self.base.max_new_tokens + reserved + 1 > positions:
+            raise ServeOptionError(
+                "max_new_tokens", self.base.max_new_tokens,
+                f"at most {positions - reserved - 1} (the model's max_position_embeddings {positions}, less {reserved} "
+                "for batching and 1 for the shortest prompt): the default answer length of every request that sends "
+                "no max_tokens",
+            )
         self.metrics = Metrics()
         self.scheduler = Scheduler(model, tokenizer, self.metrics, options.max_batch_size, options.batch_window_ms,
                                    options.max_queue)
@@ -552,22 +700,36 @@ class Server:
             raise APIError(404, f"`model`={request.model!r} does not exist; this server serves "
                            f"{self.options.model_name!r}", param="model", code="model_not_found")
         config = self.decoding_config(request)
+        fields = request.model_dump(include=set(DecodingFields.model_fields), exclude_none=True)
         chat = isinstance(request, ChatCompletionRequest)
         prompts = self.chat_prompt(request.messages) if chat else [self.encode("prompt", p) for p in request.prompt]
         n = request.n or 1
+        where = "messages" if chat else "prompt"
         if n * len(prompts) > MAX_CHOICES:
             raise bad("n", n, f"at most {MAX_CHOICES} choices in all (n x {len(prompts)} prompts)")
+        # A request larger than the queue or (its rows the model decodes) than a batch could never be served.
+        greedy = config.temperature == 0 and config.remasking != "random"
+        decoded = len(set(map(tuple, prompts))) * (1 if greedy else n)
+        for rows, limit, what in ((n * len(prompts), self.options.max_queue, "rows this server queues"),
+                                  (decoded, self.options.max_batch_size, "rows this server decodes together")):
+            if rows > limit:
+                param, value = ("n", n) if n > 1 else (where, f"{len(prompts)} prompts")
+                raise bad(param, value, f"at most {limit} {what} in all (n x {len(prompts)} prompt(s) = {rows} rows; "
+                          "--max-queue and --max-batch-size set the limits)")
         limit = self.model.config.max_position_embeddings - self.scheduler.reserved_positions
-        where = "messages" if chat else "prompt"
+        length_fields = [name for name in ("max_tokens", "max_completion_tokens") if name in fields]
         for prompt in prompts:
             if self.mask_id in prompt:
                 raise APIError(400, f"`{where}` holds the mask token (id {self.mask_id}), which a prompt may not hold",
                                param=where, code="invalid_value")
             if len(prompt) + config.max_new_tokens > limit:
-                param = "max_tokens" if len(prompt) < limit else where
-                raise APIError(400, f"the prompt ({len(prompt)} tokens) + max_tokens ({config.max_new_tokens}) = "
-                               f"{len(prompt) + config.max_new_tokens} tokens exceed the {limit} positions this "
-                               "server can give one request (the model's max_position_embeddings "
+                # Blame max_tokens only where the request set it and a shorter answer would fit.
+                param = length_fields[0] if length_fields and len(prompt) < limit else where
+                length = length_fields[0] if length_fields else "max_tokens"
+                default = "" if length_fields else " (the server's default; send a smaller max_tokens)"
+                raise APIError(400, f"the prompt ({len(prompt)} tokens) + {length} ({config.max_new_tokens}"
+                               f"{default}) = {len(prompt) + config.max_new_tokens} tokens exceed the {limit} "
+                               "positions this server can give one request (the model's max_position_embeddings "
                                f"{self.model.config.max_position_embeddings}, less "
                                f"{self.scheduler.reserved_positions} for batching)", param=param,
                                code="context_length_exceeded")
@@ -580,7 +742,7 @@ class Server:
                    stream=bool(request.stream),
                    include_usage=bool(request.stream_options and request.stream_options.include_usage),
                    prompt_tokens=sum(map(len, prompts)), tokenizer=self.tokenizer, tokenizer_lock=self.tokenizer_lock,
-                   end_ids=self.end_ids, loop=loop, events=asyncio.Queue())
+                   end_ids=self.end_ids, loop=loop, events=asyncio.Queue(), fields=fields)
 
     def decoding_config(self, request: GenerationRequest) -> DiffusionGenerationConfig:
         """The request's `DiffusionGenerationConfig`: the server's defaults, the request's preset, then its decoding
@@ -618,6 +780,8 @@ class Server:
     def submit(self, job: Job) -> None:
         try:
             self.scheduler.submit(job)
+        except WorkerStopped as err:
+            raise worker_stopped(str(err)) from err
         except QueueFull as err:
             raise APIError(503, f"the server is busy: {err}; retry shortly", code="overloaded", kind="server_error",
                            headers={"Retry-After": "1"}) from err
@@ -646,7 +810,7 @@ class Server:
             if kind == "cancelled":
                 return None
             if kind == "error":
-                raise APIError(500, f"decoding failed: {payload}", code="decoding_failed", kind="server_error")
+                raise payload
             if kind == "done":
                 break
         choices, usage = self.finish(job)
@@ -704,8 +868,7 @@ class Server:
                 if kind == "cancelled":
                     return
                 if kind == "error":
-                    error = APIError(500, f"decoding failed: {payload}", code="decoding_failed", kind="server_error")
-                    yield f"data: {json.dumps(error.body())}\n\n"
+                    yield f"data: {json.dumps(payload.body())}\n\n"
                     return
                 final = kind == "done"
                 for row in job.rows:
@@ -735,9 +898,17 @@ async def watch_disconnect(request: Request, on_disconnect: Callable[[], None]) 
             return
 
 
+class ClientGone(StarletteHTTPException):
+    """The client closed the connection before its request body was complete: nobody to answer, not an error."""
+
+    def __init__(self):
+        super().__init__(499, "the client closed the connection while sending the request body")
+
+
 class BodyLimit:
-    """ASGI middleware: a request body larger than `limit` bytes (as declared, or as it arrives) is answered 413. The
-    `APIError` is raised from `receive`, inside the route that reads the body, so the app's handler writes it."""
+    """ASGI middleware: a request body larger than `limit` bytes (as declared, or as it arrives) is answered 413, and a
+    client that disconnects before its body is complete ends the request as `ClientGone` (499). Both are raised from
+    `receive`, inside the route that reads the body, so the app's handlers answer them."""
 
     def __init__(self, app: ASGIApp, limit: int):
         self.app, self.limit = app, limit
@@ -747,15 +918,18 @@ class BodyLimit:
             await self.app(scope, receive, send)
             return
         declared = Headers(scope=scope).get("content-length")
-        received = 0
+        received, complete = 0, False
 
         async def limited() -> Message:
-            nonlocal received
+            nonlocal received, complete
             if declared is not None and declared.isdigit() and int(declared) > self.limit:
                 raise APIError(413, f"the request body ({declared} bytes) is larger than {self.limit} bytes",
                                code="body_too_large")
             message = await receive()
+            if message["type"] == "http.disconnect" and not complete:
+                raise ClientGone
             received += len(message.get("body", b""))
+            complete = complete or (message["type"] == "http.request" and not message.get("more_body", False))
             if received > self.limit:
                 raise APIError(413, f"the request body is larger than {self.limit} bytes", code="body_too_large")
             return message
@@ -790,6 +964,11 @@ def create_app(model: LLaDAMoEForMaskedLM, tokenizer: PreTrainedTokenizerBase,
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError) -> JSONResponse:
         return answer(error, request.url.path)
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(request: Request, error: ClientGone) -> Response:
+        server.metrics.requests.labels(request.url.path, "499").inc()  # nginx's "client closed request"
+        return Response(status_code=499)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
@@ -852,8 +1031,12 @@ def create_app(model: LLaDAMoEForMaskedLM, tokenizer: PreTrainedTokenizerBase,
     app.include_router(v1)
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": options.model_name}
+    async def health() -> Response:
+        failure = server.scheduler.failure
+        if failure is not None:  # a load balancer takes the server out; the command line exits (status 1)
+            return JSONResponse({"status": "error", "model": options.model_name,
+                                 "error": f"the decoding worker has stopped: {failure}"}, status_code=503)
+        return JSONResponse({"status": "ok", "model": options.model_name})
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -142,6 +142,12 @@ class _Setting:
         return self.accepted(config) if callable(self.accepted) else self.accepted
 
 
+def _length_accepted(config: DiffusionGenerationConfig) -> str:
+    if is_int(config.steps) and config.steps > 0:  # the base's (a server's --steps): one token per step at most
+        return f"expected a positive integer, at least steps={config.steps} (one token per step at most; lower steps)"
+    return "expected a positive integer"
+
+
 def _steps_accepted(config: DiffusionGenerationConfig) -> str:
     if not (is_int(config.max_new_tokens) and is_int(config.block_length) and config.block_length > 0):
         return "expected a positive integer, at most max_new_tokens (one token per step)"
@@ -175,7 +181,7 @@ def _any(value) -> bool:
 # In the order they are applied; an error names the first setting (in this order) the others do not explain.
 _SETTINGS: dict[str, _Setting] = {
     "max_new_tokens": _Setting(
-        _integer, _positive, "expected a positive integer",
+        _integer, _positive, _length_accepted,
         fields=lambda v: {"max_new_tokens": v, "max_length": None},  # the canvas beats a configured total length
         aliases=("max_tokens", "max_completion_tokens"),
     ),

@@ -8,6 +8,7 @@ or unexpected for the config (transformers only warns), and a chat template that
 import io
 import json
 import shutil
+import socket
 import struct
 import sys
 from pathlib import Path
@@ -257,6 +258,15 @@ def test_convert_refuses_a_broken_template(broken_template, capsys, tmp_path):
     code, _, err = run_cli(capsys, "convert", bad, tmp_path / "out", "--no-verify")
     assert code == 2 and str(bad / "chat_template.jinja") in err and words in err
     assert not (tmp_path / "out").exists()
+
+
+def test_serve_refuses_a_broken_template_at_start_up(broken_template, capsys):
+    bad, words = broken_template
+    with socket.socket() as probe:  # a free port: the server must refuse before it ever serves on it
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    code, out, err = run_cli(capsys, "serve", bad, "--device", "cpu", "--host", "127.0.0.1", "--port", str(port))
+    assert code == 2 and str(bad / "chat_template.jinja") in err and words in err and "Traceback" not in err
 
 
 def test_chat_keeps_going_when_the_template_refuses_one_turn(folder, tmp_path, capsys, monkeypatch):

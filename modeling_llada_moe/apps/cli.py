@@ -521,6 +521,7 @@ def run_serve(args: argparse.Namespace) -> int:
     sock = listening_socket(args.host, args.port)
     try:
         model, tokenizer = load(args)
+        check_chat_template(tokenizer)  # a template that cannot render a conversation: exit 2 before serving
         options.defaults = flags_config(model, decoding_fields(args))  # --preset, then the flags
         try:
             app = create_app(model, tokenizer, options)

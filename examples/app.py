@@ -180,6 +180,17 @@ def message_text(content: Any) -> str:
     return "".join(part.get("text", "") for part in content if isinstance(part, dict))
 
 
+def conversation(message: str, history) -> list[dict[str, str]]:
+    """The chat history as text turns, then the new user `message` (a `gr.Error` when it is empty). A progress
+    placeholder left by an interrupted generation is not part of the conversation."""
+    if not message or not message.strip():
+        raise gr.Error("Type a message first.")
+    turns = [{"role": m["role"], "content": message_text(m["content"])} for m in history or []]
+    turns = [turn for turn in turns if not turn["content"].startswith(PROGRESS_PREFIX)]
+    turns.append({"role": "user", "content": message})
+    return turns
+
+
 def decoding_settings(
     max_new_tokens: float,
     block_length: float,
@@ -230,12 +241,7 @@ def build_demo(
         message, history, max_new_tokens, block_length, steps, threshold, cache, temperature, remasking, stop,
         preset="custom",
     ):
-        if not message or not message.strip():
-            raise gr.Error("Type a message first.")
-        turns = [{"role": m["role"], "content": message_text(m["content"])} for m in history or []]
-        # A progress placeholder left by an interrupted generation is not part of the conversation.
-        turns = [turn for turn in turns if not turn["content"].startswith(PROGRESS_PREFIX)]
-        turns.append({"role": "user", "content": message})
+        turns = conversation(message, history)
         try:
             config = decoding_settings(
                 max_new_tokens, block_length, steps, threshold, cache, temperature, remasking, preset, base=model
@@ -365,11 +371,7 @@ def build_remote_demo(
     steps, threshold, cache, temperature, remasking, preset) and streams (chat history, status, cleared textbox)."""
 
     def chat(message, history, max_new_tokens, block_length, steps, threshold, cache, temperature, remasking, preset):
-        if not message or not message.strip():
-            raise gr.Error("Type a message first.")
-        turns = [{"role": m["role"], "content": message_text(m["content"])} for m in history or []]
-        turns = [turn for turn in turns if not turn["content"].startswith(PROGRESS_PREFIX)]
-        turns.append({"role": "user", "content": message})
+        turns = conversation(message, history)
         try:
             fields = server_fields(max_new_tokens, block_length, steps, threshold, cache, temperature, remasking,
                                    preset)

@@ -27,20 +27,18 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
-from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
+from trl import ModelConfig, ScriptArguments, TrlParser
 
-from modeling_llada_moe import LLaDAMoEForMaskedLM
 from modeling_llada_moe.apps.tiny_task import PAD_ID, SEPARATOR, tiny_model, tiny_tokenizer, train_to_answer
-from quantization import qlora_target_modules
 from trl_ext import DiffusionGRPOConfig, DiffusionGRPOTrainer
 from trl_ext.scripts import (
-    check_push_to_hub,
-    check_tiny_demo_flags,
-    load_script_dataset,
-    load_script_eval_dataset,
+    check_script_flags,
+    fresh_reference,
+    load_script_inputs,
     load_script_model,
-    load_script_tokenizer,
+    script_peft_config,
     set_attn_implementation,
+    train_and_save,
 )
 
 
@@ -176,10 +174,8 @@ def tiny_defaults(training_args: DiffusionGRPOConfig, parser) -> None:
 def main() -> None:
     parser = TrlParser((ScriptArguments, DiffusionGRPOConfig, ModelConfig, RewardArguments))
     script_args, training_args, model_args, reward_args = parser.parse_args_and_config()
+    check_script_flags(parser, script_args, training_args, model_args, reward_args.tiny)
     try:
-        check_push_to_hub(training_args)
-        if reward_args.tiny:
-            check_tiny_demo_flags(model_args, script_args)
         reward_funcs = [resolve_reward(name) for name in reward_args.reward_funcs]
     except ValueError as error:
         parser.error(str(error))
@@ -190,27 +186,16 @@ def main() -> None:
         model = train_to_answer(tiny_model(seed=0), format_sft_batch, steps=150, seed=0)
         set_attn_implementation(model, model_args)
         if training_args.beta != 0.0 and not model_args.use_peft:
-            ref_model = LLaDAMoEForMaskedLM(model.config)
-            ref_model.load_state_dict(model.state_dict())
-            set_attn_implementation(ref_model, model_args)
+            ref_model = fresh_reference(model, model_args)
         train = Dataset.from_list(reversal_rows(2000, 0))
         held_out = reversal_rows(128, 123)
         evaluation = Dataset.from_list(reversal_rows(32, 7)) if training_args.eval_strategy != "no" else None
     else:
-        if not model_args.model_name_or_path or not script_args.dataset_name:
-            parser.error("pass --model_name_or_path and --dataset_name, or --tiny for the offline demo")
-        try:
-            tokenizer, model = load_script_tokenizer(model_args), load_script_model(model_args)
-            evaluation = load_script_eval_dataset(script_args, training_args)
-        except ValueError as error:
-            parser.error(str(error))
-        train = load_script_dataset(script_args)
+        model, tokenizer, train, evaluation = load_script_inputs(parser, script_args, training_args, model_args)
         if training_args.beta != 0.0 and not model_args.use_peft:
             ref_model = load_script_model(model_args)  # a separate, frozen copy; never a deepcopy of the policy
 
-    peft_config = get_peft_config(model_args)
-    if peft_config is not None and not model_args.lora_target_modules:
-        peft_config.target_modules = qlora_target_modules(model)
+    peft_config = script_peft_config(model_args, model)
     if held_out is not None and training_args.process_index == 0:
         print(f"held-out exact match before GRPO: {held_out_exact_match(model, tokenizer, held_out):.2f}")
     trainer = DiffusionGRPOTrainer(
@@ -223,12 +208,7 @@ def main() -> None:
         peft_config=peft_config,
         ref_model=ref_model,
     )
-    if trainer.accelerator.is_main_process:
-        print(f"training on {trainer.accelerator.num_processes} process(es), {trainer.accelerator.device}")
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model(training_args.output_dir)
-    if training_args.push_to_hub:
-        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    train_and_save(trainer, script_args, training_args, evaluate=False)
     if held_out is not None and trainer.accelerator.is_main_process:
         rewards = [entry["reward"] for entry in trainer.state.log_history if "reward" in entry]
         print("reward per logging step: " + " ".join(f"{value:.2f}" for value in rewards))

@@ -24,19 +24,16 @@ from dataclasses import dataclass, field
 
 import torch
 from datasets import Dataset
-from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
+from trl import ModelConfig, ScriptArguments, TrlParser
 
 from modeling_llada_moe.apps.tiny_task import reversal_examples, tiny_model, tiny_tokenizer
-from quantization import qlora_target_modules
 from trl_ext import DiffusionSFTConfig, DiffusionSFTTrainer
 from trl_ext.scripts import (
-    check_push_to_hub,
-    check_tiny_demo_flags,
-    load_script_dataset,
-    load_script_eval_dataset,
-    load_script_model,
-    load_script_tokenizer,
+    check_script_flags,
+    load_script_inputs,
+    script_peft_config,
     set_attn_implementation,
+    train_and_save,
 )
 
 
@@ -57,12 +54,7 @@ def exact_match(model, tokenizer, rows) -> float:
 def main() -> None:
     parser = TrlParser((ScriptArguments, DiffusionSFTConfig, ModelConfig, DemoArguments))
     script_args, training_args, model_args, demo_args = parser.parse_args_and_config()
-    try:
-        check_push_to_hub(training_args)
-        if demo_args.tiny:
-            check_tiny_demo_flags(model_args, script_args)
-    except ValueError as error:
-        parser.error(str(error))
+    check_script_flags(parser, script_args, training_args, model_args, demo_args.tiny)
     if demo_args.tiny:
         model, tokenizer = tiny_model(seed=0), tiny_tokenizer()
         set_attn_implementation(model, model_args)
@@ -70,18 +62,10 @@ def main() -> None:
         held_out = reversal_examples(64, seed=999)
         evaluation = Dataset.from_list(held_out) if training_args.eval_strategy != "no" else None
     else:
-        if not model_args.model_name_or_path or not script_args.dataset_name:
-            parser.error("pass --model_name_or_path and --dataset_name, or --tiny for the offline demo")
-        try:
-            model, tokenizer = load_script_model(model_args), load_script_tokenizer(model_args)
-            evaluation = load_script_eval_dataset(script_args, training_args)
-        except ValueError as error:
-            parser.error(str(error))
-        train, held_out = load_script_dataset(script_args), None
+        model, tokenizer, train, evaluation = load_script_inputs(parser, script_args, training_args, model_args)
+        held_out = None
 
-    peft_config = get_peft_config(model_args)
-    if peft_config is not None and not model_args.lora_target_modules:
-        peft_config.target_modules = qlora_target_modules(model)  # never the expert containers or the router
+    peft_config = script_peft_config(model_args, model)
     if held_out is not None and training_args.process_index == 0:
         print(f"exact match before training: {exact_match(model, tokenizer, held_out):.2f}")
     trainer = DiffusionSFTTrainer(
@@ -92,16 +76,7 @@ def main() -> None:
         processing_class=tokenizer,
         peft_config=peft_config,
     )
-    if trainer.accelerator.is_main_process:
-        print(f"training on {trainer.accelerator.num_processes} process(es), {trainer.accelerator.device}")
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model(training_args.output_dir)
-    if evaluation is not None:
-        metrics = trainer.evaluate()
-        if trainer.accelerator.is_main_process:
-            print(f"eval loss: {metrics['eval_loss']:.4f}")
-    if training_args.push_to_hub:
-        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    train_and_save(trainer, script_args, training_args, evaluate=evaluation is not None)
     if held_out is not None and trainer.accelerator.is_main_process:
         print(f"exact match after training: {exact_match(trainer.model, tokenizer, held_out):.2f}")
 

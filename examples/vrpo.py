@@ -25,20 +25,19 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
-from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
+from trl import ModelConfig, ScriptArguments, TrlParser
 
 from modeling_llada_moe import LLaDAMoEForMaskedLM
 from modeling_llada_moe.apps.tiny_task import tiny_model, tiny_tokenizer
-from quantization import qlora_target_modules
 from trl_ext import DiffusionSFTConfig, DiffusionSFTTrainer, VRPOConfig, VRPOTrainer
 from trl_ext.scripts import (
-    check_push_to_hub,
-    check_tiny_demo_flags,
-    load_script_dataset,
-    load_script_eval_dataset,
+    check_script_flags,
+    fresh_reference,
+    load_script_inputs,
     load_script_model,
-    load_script_tokenizer,
+    script_peft_config,
     set_attn_implementation,
+    train_and_save,
 )
 
 
@@ -88,20 +87,13 @@ def first_digit_rate(model, pairs) -> float:
 def main() -> None:
     parser = TrlParser((ScriptArguments, VRPOConfig, ModelConfig, DemoArguments))
     script_args, training_args, model_args, demo_args = parser.parse_args_and_config()
-    try:
-        check_push_to_hub(training_args)
-        if demo_args.tiny:
-            check_tiny_demo_flags(model_args, script_args)
-    except ValueError as error:
-        parser.error(str(error))
+    check_script_flags(parser, script_args, training_args, model_args, demo_args.tiny)
     ref_model, held_out = None, None
     if demo_args.tiny:
         tokenizer = tiny_tokenizer()
         model = tiny_sft_model(training_args, tokenizer)
-        ref_model = LLaDAMoEForMaskedLM(model.config)
-        ref_model.load_state_dict(model.state_dict())
-        for module in (model, ref_model):
-            set_attn_implementation(module, model_args)
+        set_attn_implementation(model, model_args)
+        ref_model = fresh_reference(model, model_args)
         train_pairs, held_out = digit_pairs(150, 0), digit_pairs(40, 1)
         train, evaluation = (
             Dataset.from_list([{"prompt": f"t{a} t{b}", "chosen": f" t{a}", "rejected": f" t{b}"} for a, b in pairs])
@@ -109,20 +101,11 @@ def main() -> None:
         )
         evaluation = evaluation if training_args.eval_strategy != "no" else None
     else:
-        if not model_args.model_name_or_path or not script_args.dataset_name:
-            parser.error("pass --model_name_or_path and --dataset_name, or --tiny for the offline demo")
-        try:
-            tokenizer, model = load_script_tokenizer(model_args), load_script_model(model_args)
-            evaluation = load_script_eval_dataset(script_args, training_args)
-        except ValueError as error:
-            parser.error(str(error))
-        train = load_script_dataset(script_args)
+        model, tokenizer, train, evaluation = load_script_inputs(parser, script_args, training_args, model_args)
         if not model_args.use_peft and not training_args.precompute_ref_log_probs:
             ref_model = load_script_model(model_args)  # a separate, frozen copy; never a deepcopy of the policy
 
-    peft_config = get_peft_config(model_args)
-    if peft_config is not None and not model_args.lora_target_modules:
-        peft_config.target_modules = qlora_target_modules(model)
+    peft_config = script_peft_config(model_args, model)
     if held_out is not None and training_args.process_index == 0:
         print(f"answers the preferred digit before VRPO: {first_digit_rate(model, held_out):.2f}")
     trainer = VRPOTrainer(
@@ -134,16 +117,7 @@ def main() -> None:
         processing_class=tokenizer,
         peft_config=peft_config,
     )
-    if trainer.accelerator.is_main_process:
-        print(f"training on {trainer.accelerator.num_processes} process(es), {trainer.accelerator.device}")
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model(training_args.output_dir)
-    if evaluation is not None:
-        metrics = trainer.evaluate()
-        if trainer.accelerator.is_main_process:
-            print(f"eval loss: {metrics['eval_loss']:.4f}")
-    if training_args.push_to_hub:
-        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    train_and_save(trainer, script_args, training_args, evaluate=evaluation is not None)
     if held_out is not None and trainer.accelerator.is_main_process:
         print(f"answers the preferred digit after VRPO: {first_digit_rate(trainer.model, held_out):.2f}")
 

@@ -34,6 +34,19 @@ def load_example(name: str):
     return sys.modules[name]
 
 
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of `llada-moe ARGV` run in this process (`capsys` captures the output)."""
+    from modeling_llada_moe.apps import cli
+
+    capsys.readouterr()
+    try:
+        code = cli.main([str(arg) for arg in argv])
+    except SystemExit as exit:  # argparse: --help, bad flags
+        code = exit.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 # A small random checkpoint in the official layout and what the official code produced from it (recorded data,
 # see its README.md); it ships with the repository, so the parity tests run from any clone.
 OFFICIAL_SMALL = Path(__file__).resolve().parent / "data" / "official_small"
@@ -61,6 +74,31 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# TrainingArguments of the quick CPU trainer runs in the tests: no reports, checkpoints, progress bars or data-loader
+# workers.
+QUICK_TRAINING = dict(
+    report_to="none",
+    use_cpu=True,
+    bf16=False,
+    save_strategy="no",
+    disable_tqdm=True,
+    dataloader_num_workers=0,
+)
+
+# One plain SGD step (no clipping): two runs that must give the same update compare their weights exactly.
+ONE_SGD_STEP = dict(max_steps=1, optim="sgd", learning_rate=0.1, max_grad_norm=0.0)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's tests (`pytestmark = pytest.mark.usefixtures("one_thread")`): the tiny models
+    are overhead-bound, so one thread is faster, and steadier on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ from pathlib import Path
 import huggingface_hub
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, run_cli
 from official_reference import official_config_dict, official_state_dict, write_official_checkpoint
 from transformers import AutoTokenizer
 
@@ -46,17 +46,6 @@ def official_folder(tmp_path_factory) -> Path:
     folder = write_official_checkpoint(tmp_path_factory.mktemp("official"), config, official_state_dict(config, seed=3))
     tiny_tokenizer(LING_CHAT_TEMPLATE).save_pretrained(folder)
     return folder
-
-
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    """(exit code, stdout, stderr) of `llada-moe ARGV` run in this process."""
-    capsys.readouterr()
-    try:
-        code = cli.main([str(arg) for arg in argv])
-    except SystemExit as exit:  # argparse: --help, bad flags
-        code = exit.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def expected_answer(model, tokenizer, input_ids, **decoding) -> tuple[str, int]:

@@ -15,10 +15,10 @@ from pathlib import Path
 import bitsandbytes as bnb
 import pytest
 import torch
+from conftest import run_cli
 from transformers import AutoTokenizer
 
 from modeling_llada_moe import LLaDAMoEForMaskedLM
-from modeling_llada_moe.apps import cli
 from modeling_llada_moe.apps.tiny_task import LING_CHAT_TEMPLATE, save_tiny_folder, tiny_model
 from modeling_llada_moe.atomic_save import BACKUP_PREFIX, STAGING_PREFIX
 from quantization import load_quantized
@@ -32,16 +32,6 @@ def chat_source(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def plain_source(tmp_path_factory) -> Path:
     return save_tiny_folder(tmp_path_factory.mktemp("plain"), tiny_model(seed=2), chat=False)
-
-
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    capsys.readouterr()
-    try:
-        code = cli.main([str(arg) for arg in argv])
-    except SystemExit as exit:
-        code = exit.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

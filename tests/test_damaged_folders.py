@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from time_limit import time_limit
 from transformers import AutoModel
 
 from modeling_llada_moe import LLaDAMoEConfig, LLaDAMoEForMaskedLM
-from modeling_llada_moe.apps import cli
 from modeling_llada_moe.apps.inference import encode_prompt, load_model_and_tokenizer
 from modeling_llada_moe.apps.tiny_task import save_tiny_folder, tiny_model, tiny_tokenizer
 
@@ -43,16 +43,6 @@ def edited_config(folder: Path, tmp_path: Path, **changes) -> Path:
     config.update(changes)
     (copy / "config.json").write_text(json.dumps(config))
     return copy
-
-
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    capsys.readouterr()
-    try:
-        code = cli.main([str(arg) for arg in argv])
-    except SystemExit as exit:
-        code = exit.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 LOADERS = {

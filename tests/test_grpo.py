@@ -9,12 +9,12 @@ import random
 
 import pytest
 import torch
-from conftest import load_example
+from conftest import QUICK_TRAINING, load_example
 from datasets import Dataset
 from trl.trainer.utils import shuffle_sequence_dict, split_tensor_dict
 
 from modeling_llada_moe import LLaDAMoEForMaskedLM
-from modeling_llada_moe.apps.tiny_task import PAD_ID, SEPARATOR, tiny_model, tiny_tokenizer, train_to_answer
+from modeling_llada_moe.apps.tiny_task import PAD_ID, tiny_model, tiny_tokenizer, train_to_answer
 from trl_ext import DiffusionGRPOConfig, DiffusionGRPOTrainer
 from trl_ext.grpo import build_views, diffusion_token_logps
 
@@ -24,22 +24,32 @@ DIGITS = 3  # prompt "d1 d2 d3 t100", answer "d3 d2 d1" then EOS: a canvas of 4 
 SEPARATOR_ID = 100
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def reversal_rows(size: int, seed: int) -> list[dict]:
-    """Prompt rows "d1 d2 d3 t100" with their `answer` column, the digits reversed."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(size):
-        digits = [f"t{rng.randint(1, 10)}" for _ in range(DIGITS)]
-        rows.append({"prompt": " ".join(digits) + f" {SEPARATOR}", "answer": " ".join(digits[::-1])})
-    return rows
+# The tiny task of examples/grpo.py: `reversal_rows`, prompt rows "d1 d2 d3 t100" with their `answer` column (the
+# digits reversed); `format_sft_batch`, SFT data that teaches the format (the prompt's three digits, then EOS) but not
+# the answer (half the rows reversed, half copied); `held_out_exact_match`, the fraction of held-out prompts that
+# greedy decoding answers exactly.
+GRPO_EXAMPLE = load_example("grpo")
+reversal_rows = GRPO_EXAMPLE.reversal_rows
+format_sft_batch = GRPO_EXAMPLE.format_sft_batch
+held_out_exact_match = GRPO_EXAMPLE.held_out_exact_match
+# The flags every run of the --tiny demo here shares (after it, each test's own).
+TINY_DEMO_FLAGS = [
+    "--tiny",
+    "--use_cpu",
+    "--bf16",
+    "false",
+    "--report_to",
+    "none",
+    "--max_steps",
+    "2",
+    "--per_device_train_batch_size",
+    "8",
+    "--num_generations",
+    "4",
+]
 
 
 def exact_match(completions, answer, **kwargs) -> list[float]:
@@ -50,25 +60,6 @@ def even_tokens(completions, **kwargs) -> list[float]:
     """A dense reward that varies even under a random model (exact match is 0 everywhere there): the number of
     tokens "t<even>"."""
     return [float(sum(int(token[1:]) % 2 == 0 for token in completion.split())) for completion in completions]
-
-
-def held_out_exact_match(model, tokenizer, rows) -> float:
-    """Greedy decoding (one token per step) of the held-out prompts: the fraction answered exactly."""
-    model.eval()
-    ids = torch.tensor([tokenizer.convert_tokens_to_ids(row["prompt"].split()) for row in rows])
-    out = model.diffusion_generate(ids, max_new_tokens=DIGITS + 1, block_length=DIGITS + 1, steps=DIGITS + 1)
-    completions = tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
-    return sum(exact_match(completions, [row["answer"] for row in rows])) / len(rows)
-
-
-def format_sft_batch(generator: torch.Generator, size: int = 64):
-    """SFT data that teaches the format (the prompt's three digits, then EOS) but not the answer: half the rows are
-    reversed, half copied, so the model ends up answering either."""
-    digits = torch.randint(1, 11, (size, DIGITS), generator=generator)
-    reverse = torch.rand(size, generator=generator) < 0.5
-    answers = torch.where(reverse[:, None], digits.flip(1), digits)
-    prompts = torch.cat([digits, torch.full((size, 1), SEPARATOR_ID)], 1)
-    return prompts, torch.cat([answers, torch.full((size, 1), PAD_ID)], 1)
 
 
 @pytest.fixture(scope="module")
@@ -87,9 +78,7 @@ def fresh_model(state) -> LLaDAMoEForMaskedLM:
 def grpo_config(tmp_path, **overrides) -> DiffusionGRPOConfig:
     settings = dict(
         output_dir=str(tmp_path),
-        report_to="none",
-        use_cpu=True,
-        bf16=False,
+        **QUICK_TRAINING,
         per_device_train_batch_size=8,
         num_generations=4,
         max_completion_length=DIGITS + 1,
@@ -100,9 +89,7 @@ def grpo_config(tmp_path, **overrides) -> DiffusionGRPOConfig:
         lr_scheduler_type="constant",
         max_steps=2,
         logging_steps=1,
-        save_strategy="no",
         gradient_checkpointing=False,
-        disable_tqdm=True,
         seed=0,
     )
     settings.update(overrides)
@@ -480,20 +467,9 @@ def test_example_tiny_smoke(tmp_path, monkeypatch, capsys):
         grpo.resolve_reward("no_such_reward")
     argv = [
         "grpo.py",
-        "--tiny",
+        *TINY_DEMO_FLAGS,
         "--output_dir",
         str(tmp_path),
-        "--use_cpu",
-        "--bf16",
-        "false",
-        "--report_to",
-        "none",
-        "--max_steps",
-        "2",
-        "--per_device_train_batch_size",
-        "8",
-        "--num_generations",
-        "4",
         "--logging_steps",
         "1",
         "--reward_funcs",
@@ -520,20 +496,9 @@ def test_example_trains_in_two_processes_with_accelerate(tmp_path):
 
     out = launch_two_processes(
         "examples/grpo.py",
-        "--tiny",
+        *TINY_DEMO_FLAGS,
         "--output_dir",
         str(tmp_path),
-        "--use_cpu",
-        "--bf16",
-        "false",
-        "--report_to",
-        "none",
-        "--max_steps",
-        "2",
-        "--per_device_train_batch_size",
-        "8",
-        "--num_generations",
-        "4",
         "--beta",
         "0.04",
         "--num_iterations",
@@ -590,14 +555,20 @@ def test_rl_benchmark_runs_as_a_script():
 def test_bad_prompt_datasets_name_the_row_and_column(tmp_path, rows, message):
     with pytest.raises((ValueError, TypeError), match=message):
         DiffusionGRPOTrainer(
-            tiny_model(0), reward_funcs=exact_match, args=grpo_config(tmp_path),
-            train_dataset=Dataset.from_list(rows), processing_class=tiny_tokenizer(),
+            tiny_model(0),
+            reward_funcs=exact_match,
+            args=grpo_config(tmp_path),
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tiny_tokenizer(),
         )
 
 
 def test_a_mask_id_equal_to_eos_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"mask_token_id=120 equals"):
         DiffusionGRPOTrainer(
-            tiny_model(0), reward_funcs=exact_match, args=grpo_config(tmp_path, mask_token_id=120),
-            train_dataset=Dataset.from_list(reversal_rows(4, 0)), processing_class=tiny_tokenizer(),
+            tiny_model(0),
+            reward_funcs=exact_match,
+            args=grpo_config(tmp_path, mask_token_id=120),
+            train_dataset=Dataset.from_list(reversal_rows(4, 0)),
+            processing_class=tiny_tokenizer(),
         )

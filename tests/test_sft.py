@@ -4,7 +4,7 @@ import importlib.util
 
 import pytest
 import torch
-from conftest import tiny_model, tiny_tokenizer
+from conftest import QUICK_TRAINING, tiny_model, tiny_tokenizer
 from datasets import Dataset
 
 from modeling_llada_moe.apps.tiny_task import reversal_examples
@@ -21,13 +21,9 @@ def config(tmp_path, **overrides) -> DiffusionSFTConfig:
         per_device_train_batch_size=4,
         max_steps=3,
         learning_rate=1e-3,
-        report_to="none",
-        bf16=False,
-        use_cpu=True,
-        save_strategy="no",
         logging_steps=1,
         gradient_checkpointing=False,
-        dataloader_num_workers=0,
+        **QUICK_TRAINING,
     )
     return DiffusionSFTConfig(**{**settings, **overrides})
 

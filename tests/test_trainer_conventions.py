@@ -12,7 +12,7 @@ import sys
 import huggingface_hub
 import pytest
 import torch
-from conftest import ROOT, tiny_model, tiny_tokenizer
+from conftest import ONE_SGD_STEP, QUICK_TRAINING, ROOT, tiny_model, tiny_tokenizer
 from datasets import Dataset
 from test_vrpo import ROWS, preference_dataset, vrpo_config
 from test_vrpo import tiny_tokenizer as word_tokenizer
@@ -24,29 +24,16 @@ from trl_ext import DiffusionSFTConfig, DiffusionSFTTrainer, VRPOTrainer
 MASK = 126
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sft_config(output_dir, **overrides) -> DiffusionSFTConfig:
     settings = dict(
         output_dir=str(output_dir),
         per_device_train_batch_size=4,
-        max_steps=1,
-        optim="sgd",
-        learning_rate=0.1,
-        max_grad_norm=0.0,
-        report_to="none",
-        bf16=False,
-        use_cpu=True,
-        save_strategy="no",
+        **ONE_SGD_STEP,
         logging_steps=1,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
+        **QUICK_TRAINING,
     )
     return DiffusionSFTConfig(**{**settings, **overrides})
 
@@ -122,10 +109,7 @@ def test_vrpo_gradient_accumulation_with_a_short_last_micro_batch(tmp_path):
                 tmp_path / str(batch_size),
                 per_device_train_batch_size=batch_size,
                 gradient_accumulation_steps=steps,
-                max_steps=1,
-                optim="sgd",
-                learning_rate=0.1,
-                max_grad_norm=0.0,
+                **ONE_SGD_STEP,
             ),
             train_dataset=preference_dataset(ROWS[:3]),
             processing_class=word_tokenizer(),

@@ -5,8 +5,7 @@ Every case builds a trainer on a tiny model and two-row datasets; only the strea
 """
 
 import pytest
-import torch
-from conftest import tiny_model, tiny_tokenizer
+from conftest import QUICK_TRAINING, tiny_model, tiny_tokenizer
 from datasets import Dataset, IterableDataset
 from tokenizers import normalizers
 
@@ -18,24 +17,10 @@ from trl_ext.data_checks import find_token
 EOS, PAD, MASK = 120, 120, 126
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-SETTINGS = dict(
-    per_device_train_batch_size=2,
-    max_steps=1,
-    report_to="none",
-    use_cpu=True,
-    bf16=False,
-    save_strategy="no",
-    disable_tqdm=True,
-    dataloader_num_workers=0,
-)
+SETTINGS = dict(per_device_train_batch_size=2, max_steps=1, **QUICK_TRAINING)
 
 
 def data(rows):

@@ -13,7 +13,7 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_model
+from conftest import ONE_SGD_STEP, QUICK_TRAINING, tiny_model
 from datasets import Dataset, load_from_disk
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
@@ -34,12 +34,7 @@ from trl_ext.vrpo import (
 EOS, MASK = 120, 126
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
@@ -78,18 +73,13 @@ ROWS = [
 def vrpo_config(tmp_path, **overrides) -> VRPOConfig:
     settings = dict(
         output_dir=str(tmp_path),
-        bf16=False,
-        use_cpu=True,
-        report_to="none",
+        **QUICK_TRAINING,
         gradient_checkpointing=False,
         per_device_train_batch_size=len(ROWS),
         num_mc_samples=4,
         beta=0.5,
         learning_rate=1e-3,
         logging_steps=1,
-        save_strategy="no",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
     )
     return VRPOConfig(**{**settings, **overrides})
 
@@ -559,10 +549,7 @@ def test_gradient_accumulation_gives_the_same_update(tmp_path, elbo_form, eos_ta
                 tmp_path / str(batch_size),
                 per_device_train_batch_size=batch_size,
                 gradient_accumulation_steps=steps,
-                max_steps=1,
-                optim="sgd",
-                learning_rate=0.1,
-                max_grad_norm=0.0,
+                **ONE_SGD_STEP,
                 elbo_form=elbo_form,
                 eos_tail=eos_tail,
             ),

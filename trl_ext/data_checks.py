@@ -46,6 +46,21 @@ def dataset_name(name: str, key: str | None = None) -> str:
     return name if key is None else f"{name}[{key!r}]"
 
 
+def named_datasets(train_dataset, eval_dataset) -> list[tuple[str, Any]]:
+    """(name, dataset) of the train dataset and of each given eval dataset (one, or a dict of them by key)."""
+    named = [("train_dataset", train_dataset)]
+    if isinstance(eval_dataset, dict):
+        named += [(dataset_name("eval_dataset", key), dataset) for key, dataset in eval_dataset.items()]
+    elif eval_dataset is not None:
+        named.append(("eval_dataset", eval_dataset))
+    return named
+
+
+def prepared_dataset_name(trl_name: str) -> str:
+    """The argument name of the dataset TRL's `_prepare_dataset` calls "train", "eval" or by its eval key."""
+    return {"train": "train_dataset", "eval": "eval_dataset"}.get(trl_name) or dataset_name("eval_dataset", trl_name)
+
+
 def check_container(dataset, name: str) -> None:
     """A `datasets.Dataset` / `IterableDataset` with at least one row (checked before TRL reads its first row)."""
     if not isinstance(dataset, (Dataset, IterableDataset)):
@@ -56,6 +71,13 @@ def check_container(dataset, name: str) -> None:
     empty = len(dataset) == 0 if isinstance(dataset, Dataset) else next(iter(dataset), None) is None
     if empty:
         raise ValueError(f"{name} is empty (no rows): there is nothing to train or evaluate on")
+
+
+def check_containers(train_dataset, eval_dataset) -> None:
+    """`check_container` of the train dataset and of every eval dataset given (one, or a dict of them by key)."""
+    for name, dataset in named_datasets(train_dataset, eval_dataset):
+        if dataset is not None or name == "train_dataset":
+            check_container(dataset, name)
 
 
 def check_mask_token_id(mask_token_id: int, *, config=None, tokenizer=None) -> None:

@@ -31,7 +31,6 @@ refused).
 from __future__ import annotations
 
 import contextlib
-import math
 import textwrap
 import time
 from dataclasses import dataclass, field
@@ -51,9 +50,21 @@ from modeling_llada_moe.forward_process import (
     uniform_mask_counts,
 )
 
-from .data_checks import PROMPT, Column, check_container, check_dataset, check_mask_token_id, column_names, dataset_name
+from .common import (
+    check_choice,
+    check_flag,
+    check_integer,
+    check_mask_token_id_field,
+    check_models,
+    check_number,
+    load_policy,
+    refuse_router_aux_loss,
+    resolve_mask_token_id,
+    restore_router_settings,
+    router_settings,
+)
+from .data_checks import PROMPT, Column, check_container, check_dataset, column_names, named_datasets
 from .sharded_checkpoints import ShardedCheckpoints
-from .vrpo import forward_runs_another_module
 
 
 ESTIMATORS = ("d1", "coupled", "elbo")
@@ -124,12 +135,7 @@ class DiffusionGRPOConfig(GRPOConfig):
 
     def __post_init__(self):
         self._check_diffusion_fields()
-        if self.router_aux_loss_coef not in (None, 0.0):
-            raise ValueError(
-                f"router_aux_loss_coef={self.router_aux_loss_coef!r}: TRL's aux-loss path does not apply to "
-                "DiffusionGRPOTrainer; expected 0.0"
-            )
-        self.router_aux_loss_coef = 0.0
+        refuse_router_aux_loss(self, "TRL's aux-loss path does not apply to DiffusionGRPOTrainer; expected 0.0")
         for name in ("use_vllm", "use_transformers_continuous_batching", "use_transformers_paged"):
             if getattr(self, name, False):
                 raise ValueError(f"{name}=True: rollouts of a masked-diffusion model come from diffusion_generate")
@@ -138,36 +144,20 @@ class DiffusionGRPOConfig(GRPOConfig):
     def _check_diffusion_fields(self) -> None:
         """Types, ranges and finiteness of this class's own fields: `ValueError` naming the field, its value and what
         is accepted."""
-
-        def number(name: str, ok, accepted: str) -> None:
-            value = getattr(self, name)
-            real = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if not real or not math.isfinite(value) or not ok(value):
-                raise ValueError(f"{name}={value!r}: expected {accepted}")
-
-        def integer(name: str, ok, accepted: str, optional: bool = False) -> None:
-            value = getattr(self, name)
-            if optional and value is None:
-                return
-            if isinstance(value, bool) or not isinstance(value, int) or not ok(value):
-                raise ValueError(f"{name}={value!r}: expected {accepted}")
-
-        integer("mask_token_id", lambda v: v >= 0, "None (the model config's) or a token id (an int >= 0)", True)
-        if not isinstance(self.likelihood_estimator, str) or self.likelihood_estimator not in ESTIMATORS:
-            raise ValueError(f"likelihood_estimator={self.likelihood_estimator!r}: expected one of {ESTIMATORS}")
-        number("p_mask", lambda v: 0 <= v < 1, "a probability in [0, 1)")
-        number("coupled_min_t", lambda v: 0 < v < 1, "a float in (0, 1)")
-        number("coupled_max_t", lambda v: 0 < v < 1, "a float in (0, 1)")
+        check_mask_token_id_field(self)
+        check_choice(self, "likelihood_estimator", ESTIMATORS)
+        check_number(self, "p_mask", lambda v: 0 <= v < 1, "a probability in [0, 1)")
+        check_number(self, "coupled_min_t", lambda v: 0 < v < 1, "a float in (0, 1)")
+        check_number(self, "coupled_max_t", lambda v: 0 < v < 1, "a float in (0, 1)")
         if self.coupled_max_t < self.coupled_min_t:
             raise ValueError(f"coupled_max_t={self.coupled_max_t!r}: expected >= coupled_min_t={self.coupled_min_t!r}")
-        integer("num_mc_samples", lambda v: v >= 1, "a positive integer")
-        if not isinstance(self.elbo_upper_bound, bool):
-            raise ValueError(f"elbo_upper_bound={self.elbo_upper_bound!r}: expected True or False")
+        check_integer(self, "num_mc_samples", lambda v: v >= 1, "a positive integer")
+        check_flag(self, "elbo_upper_bound")
         if self.elbo_upper_bound and self.likelihood_estimator != "elbo":
             raise ValueError(
                 f"elbo_upper_bound=True: only with likelihood_estimator='elbo' (got {self.likelihood_estimator!r})"
             )
-        number("eubo_beta", lambda v: v > 0, "a finite float > 0")
+        check_number(self, "eubo_beta", lambda v: v > 0, "a finite float > 0")
         if self.decoding_preset is not None:
             from modeling_llada_moe.generation_config import DECODING_PRESETS
 
@@ -175,17 +165,16 @@ class DiffusionGRPOConfig(GRPOConfig):
                 raise ValueError(
                     f"decoding_preset={self.decoding_preset!r}: expected None or one of {tuple(DECODING_PRESETS)}"
                 )
-        integer("diffusion_steps", lambda v: v >= 1, "None or a positive integer", True)
-        integer("block_length", lambda v: v >= 1, "None or a positive integer", True)
-        if not isinstance(self.remasking, str) or self.remasking not in REMASKING:
-            raise ValueError(f"remasking={self.remasking!r}: expected one of {REMASKING}")
-        integer("max_completion_length", lambda v: v >= 1, "a positive integer (the rollout canvas length)")
+        check_integer(self, "diffusion_steps", lambda v: v >= 1, "None or a positive integer", True)
+        check_integer(self, "block_length", lambda v: v >= 1, "None or a positive integer", True)
+        check_choice(self, "remasking", REMASKING)
+        check_integer(self, "max_completion_length", lambda v: v >= 1, "a positive integer (the rollout canvas length)")
         if self.diffusion_steps is not None and self.diffusion_steps > self.max_completion_length:
             raise ValueError(
                 f"diffusion_steps={self.diffusion_steps}: expected at most max_completion_length="
                 f"{self.max_completion_length} (every step commits at least one token)"
             )
-        number("temperature", lambda v: v >= 0, "a finite float >= 0 (rollout sampling temperature)")
+        check_number(self, "temperature", lambda v: v >= 0, "a finite float >= 0 (rollout sampling temperature)")
 
 
 # ---- the likelihood estimators ----
@@ -281,19 +270,17 @@ def diffusion_token_logps(
     seeds: torch.Tensor,
     *,
     estimator: str,
-    mask_token_id: int,
-    p_mask: float = 0.15,
-    num_mc_samples: int = 2,
-    coupled_t_range: tuple[float, float] = (0.2, 0.8),
     upper_bound_rows: torch.Tensor | None = None,
     eubo_beta: float = 1.0,
     compute_entropy: bool = False,
     chunk_size: int | None = None,
+    **view_settings,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token log-probability estimates [B, C] of canvas `canvas_ids` after prompt `prompt_ids` (see the module
     docstring), and the predictive entropies [B, C] at the scored positions with `compute_entropy`. Rows flagged in
     `upper_bound_rows` ([B] bool, "elbo" only) get SPG's upper-bound terms. Runs the model on `chunk_size` rows (all
-    their views) at a time."""
+    their views) at a time. `view_settings` are `build_views`' keywords: `mask_token_id` (required), `p_mask`,
+    `num_mc_samples`, `coupled_t_range`."""
     rows, canvas_width = canvas_ids.shape
     chunk_size = chunk_size or rows
     all_logps, all_entropy = [], []
@@ -305,10 +292,7 @@ def diffusion_token_logps(
             canvas_ids[start:end],
             seeds[start:end],
             estimator=estimator,
-            mask_token_id=mask_token_id,
-            p_mask=p_mask,
-            num_mc_samples=num_mc_samples,
-            coupled_t_range=coupled_t_range,
+            **view_settings,
         )
         outputs = model(
             input_ids=views.noisy_ids,
@@ -353,12 +337,7 @@ def check_prompt_datasets(train_dataset, eval_dataset, mask_token_id: int, token
     """The prompt datasets, once before TRL reads them: a `datasets` dataset with rows and a `prompt` column, each
     prompt a string or a list of messages (never None, never mixed), and no mask token in any prompt; a ValueError
     names the dataset, the row and the column."""
-    named = [("train_dataset", train_dataset)]
-    if isinstance(eval_dataset, dict):
-        named += [(dataset_name("eval_dataset", key), dataset) for key, dataset in eval_dataset.items()]
-    elif eval_dataset is not None:
-        named.append(("eval_dataset", eval_dataset))
-    for name, dataset in named:
+    for name, dataset in named_datasets(train_dataset, eval_dataset):
         check_container(dataset, name)
         if "prompt" not in column_names(dataset):
             raise ValueError(f"{name} has no 'prompt' column (columns: {column_names(dataset)})")
@@ -415,14 +394,7 @@ class DiffusionGRPOTrainer(ShardedCheckpoints, GRPOTrainer):
             raise ValueError(f"args must be a DiffusionGRPOConfig, got {type(args).__name__}")
         if processing_class is None:
             raise ValueError("DiffusionGRPOTrainer needs processing_class= (the tokenizer); it is not loaded")
-        if isinstance(model, str):
-            from modeling_llada_moe import LLaDAMoEForMaskedLM
-
-            init_kwargs = {"dtype": torch.float32, **(args.model_init_kwargs or {})}
-            if quantization_config is not None:
-                init_kwargs["quantization_config"] = quantization_config
-            model = LLaDAMoEForMaskedLM.from_pretrained(model, **init_kwargs)
-            quantization_config = None
+        model, quantization_config = load_policy(model, args, quantization_config)
         peft = peft_config is not None or is_peft_model(model)
         if args.beta != 0.0 and ref_model is None and not peft:
             raise ValueError(
@@ -435,27 +407,11 @@ class DiffusionGRPOTrainer(ShardedCheckpoints, GRPOTrainer):
                 "ref_model= is used only for full fine-tuning with beta > 0 (beta=0 needs no reference; under PEFT "
                 "the reference is the adapter-disabled base)"
             )
-        for name, candidate in (("model", model), ("ref_model", ref_model)):
-            if candidate is not None and forward_runs_another_module(candidate):
-                raise ValueError(
-                    f"{name}.forward is patched on the instance and runs another model's weights, as in a "
-                    "copy.deepcopy of a model that a TRL trainer already patched. Build it fresh (load it again, or "
-                    "construct it and load_state_dict) before creating any trainer."
-                )
-        if peft_config is not None and getattr(peft_config, "target_modules", None) is not None:
-            from quantization import check_lora_targets
-
-            check_lora_targets(model, peft_config.target_modules)
+        check_models(model, ref_model, peft_config)
         config = model.config
-        self.mask_token_id = args.mask_token_id if args.mask_token_id is not None else config.mask_token_id
-        if self.mask_token_id is None or not 0 <= self.mask_token_id < config.vocab_size:
-            raise ValueError(
-                f"mask_token_id={self.mask_token_id} is not in the vocabulary [0, {config.vocab_size}); set "
-                "DiffusionGRPOConfig.mask_token_id"
-            )
-        check_mask_token_id(self.mask_token_id, config=config, tokenizer=processing_class)
+        self.mask_token_id = resolve_mask_token_id(args, config, processing_class, "DiffusionGRPOConfig.mask_token_id")
         check_prompt_datasets(train_dataset, eval_dataset, self.mask_token_id, processing_class)
-        saved = {name: getattr(config, name, None) for name in ("router_aux_loss_coef", "output_router_logits")}
+        saved = router_settings(config)
         self._skip_parent_logps = False
         self._logps_context = None
         # GRPOTrainer builds a reference from `config._name_or_path` when beta > 0 and there is no adapter; with our
@@ -498,10 +454,7 @@ class DiffusionGRPOTrainer(ShardedCheckpoints, GRPOTrainer):
                 from trl.trainer.callbacks import SyncRefModelCallback
 
                 self.add_callback(SyncRefModelCallback(ref_model=self.ref_model, accelerator=self.accelerator))
-        text_config = self.model.config
-        for name, value in saved.items():
-            if value is not None:
-                setattr(text_config, name, value)
+        restore_router_settings(self.model.config, saved)
         self.diffusion_generation_config = self._build_generation_config(args)
 
     def _build_generation_config(self, args: DiffusionGRPOConfig) -> DiffusionGenerationConfig:

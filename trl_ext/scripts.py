@@ -1,5 +1,6 @@
-"""Loading for the TRL-style training scripts (`examples/sft.py`, `examples/vrpo.py`): data, model and tokenizer from
-their command-line arguments, and the checks that TRL's script flags are honoured, never silently ignored."""
+"""Loading for the TRL-style training scripts (`examples/sft.py`, `examples/vrpo.py`, `examples/grpo.py`): data,
+model and tokenizer from their command-line arguments, the checks that TRL's script flags are honoured, never silently
+ignored, and the steps the scripts share (LoRA config, a fresh reference, train / save / evaluate / push)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 from datasets import Dataset, load_dataset
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import TrainingArguments
-from trl import ModelConfig, ScriptArguments
+from trl import ModelConfig, ScriptArguments, get_peft_config
 
 from modeling_llada_moe import LLaDAMoEForMaskedLM
 
@@ -110,3 +111,63 @@ def set_attn_implementation(model, model_args: ModelConfig) -> None:
     """`--attn_implementation` on a model built in memory (the `--tiny` demos)."""
     if model_args.attn_implementation is not None:
         model.set_attn_implementation(model_args.attn_implementation)
+
+
+def check_script_flags(parser, script_args: ScriptArguments, training_args, model_args: ModelConfig, tiny: bool):
+    """`check_push_to_hub`, and `check_tiny_demo_flags` for the `--tiny` demo; a refused flag exits through
+    `parser.error` (status 2)."""
+    try:
+        check_push_to_hub(training_args)
+        if tiny:
+            check_tiny_demo_flags(model_args, script_args)
+    except ValueError as error:
+        parser.error(str(error))
+
+
+def load_script_inputs(parser, script_args: ScriptArguments, training_args, model_args: ModelConfig):
+    """Model, tokenizer, train and eval datasets of a script run on real data (`load_script_*`); missing or refused
+    flags exit through `parser.error`."""
+    if not model_args.model_name_or_path or not script_args.dataset_name:
+        parser.error("pass --model_name_or_path and --dataset_name, or --tiny for the offline demo")
+    try:
+        tokenizer, model = load_script_tokenizer(model_args), load_script_model(model_args)
+        evaluation = load_script_eval_dataset(script_args, training_args)
+    except ValueError as error:
+        parser.error(str(error))
+    return model, tokenizer, load_script_dataset(script_args), evaluation
+
+
+def fresh_reference(model, model_args: ModelConfig) -> LLaDAMoEForMaskedLM:
+    """A separately built copy of an in-memory policy as the frozen reference (never a `copy.deepcopy`, which a TRL
+    trainer's patched `forward` would tie to the policy), with `--attn_implementation`."""
+    reference = LLaDAMoEForMaskedLM(model.config)
+    reference.load_state_dict(model.state_dict())
+    set_attn_implementation(reference, model_args)
+    return reference
+
+
+def script_peft_config(model_args: ModelConfig, model):
+    """TRL's `get_peft_config` from the `--use_peft` / `--lora_*` flags; without `--lora_target_modules`, the
+    attention and dense MLP projections (`quantization.qlora_target_modules`: never the expert containers or the
+    router)."""
+    peft_config = get_peft_config(model_args)
+    if peft_config is not None and not model_args.lora_target_modules:
+        from quantization import qlora_target_modules
+
+        peft_config.target_modules = qlora_target_modules(model)
+    return peft_config
+
+
+def train_and_save(trainer, script_args: ScriptArguments, training_args, evaluate: bool) -> None:
+    """Train (resuming from `--resume_from_checkpoint`), save to `--output_dir`, evaluate when `evaluate` (printing
+    the eval loss), and push with `--push_to_hub`."""
+    if trainer.accelerator.is_main_process:
+        print(f"training on {trainer.accelerator.num_processes} process(es), {trainer.accelerator.device}")
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    if evaluate:
+        metrics = trainer.evaluate()
+        if trainer.accelerator.is_main_process:
+            print(f"eval loss: {metrics['eval_loss']:.4f}")
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)

@@ -22,7 +22,6 @@ global batch draws.
 from __future__ import annotations
 
 import copy
-import math
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +39,18 @@ from modeling_llada_moe.forward_process import (
     masked_token_nll,
 )
 
+from .common import (
+    check_choice,
+    check_flag,
+    check_mask_in_vocab,
+    check_mask_token_id_field,
+    check_number,
+    eos_token_id,
+    refuse_router_aux_loss,
+    restore_router_settings,
+    router_settings,
+    step_share_of_loss,
+)
 from .data_checks import (
     CONVERSATION,
     PROMPT,
@@ -47,12 +58,14 @@ from .data_checks import (
     TOKEN_IDS,
     Column,
     check_container,
+    check_containers,
     check_dataset,
     check_mask_token_id,
     check_not_emptied,
     check_prepared_tokens,
     column_names,
     dataset_name,
+    prepared_dataset_name,
     shorten,
 )
 from .sharded_checkpoints import ShardedCheckpoints
@@ -135,39 +148,20 @@ class DiffusionSFTConfig(SFTConfig):
                 f"packing={self.packing}, padding_free={self.padding_free}: masked-diffusion SFT needs one example per "
                 "row (bidirectional attention would mix packed documents, and each row needs its own EOS tail)"
             )
-        if self.router_aux_loss_coef not in (None, 0.0):
-            raise ValueError(
-                f"router_aux_loss_coef={self.router_aux_loss_coef}: use load_balance_coef / z_loss_coef instead"
-            )
-        self.router_aux_loss_coef = 0.0
+        refuse_router_aux_loss(self, "use load_balance_coef / z_loss_coef instead")
 
     def _check_diffusion_fields(self) -> None:
         """Types, ranges and finiteness of this class's own fields: `ValueError` naming the field, its value and what
         is accepted (before `SFTConfig.__post_init__`, so a bad value never reaches a comparison or the trainer)."""
-
-        def number(name: str, ok, accepted: str) -> None:
-            value = getattr(self, name)
-            real = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if not real or not math.isfinite(value) or not ok(value):
-                raise ValueError(f"{name}={value!r}: expected {accepted}")
-
-        def flag(name: str, optional: bool = False) -> None:
-            value = getattr(self, name)
-            if not (isinstance(value, bool) or (optional and value is None)):
-                raise ValueError(f"{name}={value!r}: expected True or False{' or None' if optional else ''}")
-
-        mask = self.mask_token_id
-        if mask is not None and (isinstance(mask, bool) or not isinstance(mask, int) or mask < 0):
-            raise ValueError(f"mask_token_id={mask!r}: expected None (the model config's) or a token id (an int >= 0)")
-        number("time_epsilon", lambda v: 0 < v < 1, "a finite float in (0, 1)")
-        number("random_length_prob", lambda v: 0 <= v <= 1, "a probability in [0, 1]")
-        number("load_balance_coef", lambda v: v >= 0, "a finite weight >= 0")
-        number("z_loss_coef", lambda v: v >= 0, "a finite weight >= 0")
-        if not isinstance(self.loss_normalization, str) or self.loss_normalization not in NORMALIZATIONS:
-            raise ValueError(f"loss_normalization={self.loss_normalization!r}: expected one of {NORMALIZATIONS}")
-        flag("stratified_t")
-        flag("eos_tail")
-        flag("assistant_only_loss", optional=True)
+        check_mask_token_id_field(self)
+        check_number(self, "time_epsilon", lambda v: 0 < v < 1, "a finite float in (0, 1)")
+        check_number(self, "random_length_prob", lambda v: 0 <= v <= 1, "a probability in [0, 1]")
+        check_number(self, "load_balance_coef", lambda v: v >= 0, "a finite weight >= 0")
+        check_number(self, "z_loss_coef", lambda v: v >= 0, "a finite weight >= 0")
+        check_choice(self, "loss_normalization", NORMALIZATIONS)
+        check_flag(self, "stratified_t")
+        check_flag(self, "eos_tail")
+        check_flag(self, "assistant_only_loss", optional=True)
 
 
 def random_crop_width(labels: torch.Tensor, generator: torch.Generator) -> int:
@@ -322,11 +316,7 @@ class DiffusionSFTTrainer(ShardedCheckpoints, SFTTrainer):
     def __init__(self, model, args: DiffusionSFTConfig | None = None, data_collator=None, **kwargs):
         if args is None or not isinstance(args, DiffusionSFTConfig):
             raise ValueError(f"args must be a DiffusionSFTConfig, got {type(args).__name__}")
-        check_container(kwargs.get("train_dataset"), "train_dataset")
-        eval_dataset = kwargs.get("eval_dataset")
-        for key, dataset in eval_dataset.items() if isinstance(eval_dataset, dict) else [(None, eval_dataset)]:
-            if dataset is not None:
-                check_container(dataset, dataset_name("eval_dataset", key))
+        check_containers(kwargs.get("train_dataset"), kwargs.get("eval_dataset"))
         config = getattr(model, "config", None)
         if config is None and isinstance(model, str):
             config = AutoConfig.from_pretrained(model, **_config_kwargs(args))
@@ -336,11 +326,9 @@ class DiffusionSFTTrainer(ShardedCheckpoints, SFTTrainer):
             self.mask_token_id = getattr(config, "mask_token_id", None)
         if self.mask_token_id is not None:
             check_mask_token_id(self.mask_token_id, config=config, tokenizer=kwargs.get("processing_class"))
-        saved = {name: getattr(config, name, None) for name in ("router_aux_loss_coef", "output_router_logits")}
+        saved = router_settings(config)
         processing_class = kwargs.get("processing_class")
-        eos = getattr(processing_class, "eos_token_id", None)
-        if eos is None and config is not None:
-            eos = config.eos_token_id[0] if isinstance(config.eos_token_id, list) else config.eos_token_id
+        eos = eos_token_id(processing_class, config)
         if data_collator is None:
             if eos is None:
                 raise ValueError("DiffusionSFTTrainer needs an eos_token_id (tokenizer or model config) for padding")
@@ -378,15 +366,8 @@ class DiffusionSFTTrainer(ShardedCheckpoints, SFTTrainer):
             self.chat_template = training_template  # datasets prepared later (evaluate) use it too
         # TRL writes its aux-loss settings into the model config; keep the model's own (they are saved with it).
         text_config = self.model.config
-        for name, value in saved.items():
-            if value is not None:
-                setattr(text_config, name, value)
-        if self.mask_token_id is None or not 0 <= self.mask_token_id < text_config.vocab_size:
-            raise ValueError(
-                f"mask_token_id={self.mask_token_id} is not in the vocabulary [0, {text_config.vocab_size}); set "
-                "DiffusionSFTConfig.mask_token_id"
-            )
-        check_mask_token_id(self.mask_token_id, config=text_config, tokenizer=self.processing_class)
+        restore_router_settings(text_config, saved)
+        check_mask_in_vocab(self.mask_token_id, text_config, self.processing_class, "DiffusionSFTConfig.mask_token_id")
         if self._skip_prepare_dataset:  # tokenized by the caller: only the token ids can be checked
             self.train_dataset = self._check_tokenized(self.train_dataset, "train_dataset")
             if isinstance(self.eval_dataset, dict):
@@ -422,9 +403,7 @@ class DiffusionSFTTrainer(ShardedCheckpoints, SFTTrainer):
         """TRL's preparation, after a one-pass check of the rows (a `ValueError` naming the row and column of a None,
         a wrong type, an empty response, a conversation without an assistant turn, conversational and plain rows
         mixed, the mask token) and followed by a scan of the token ids for the mask id."""
-        name = {"train": "train_dataset", "eval": "eval_dataset"}.get(dataset_name_) or dataset_name(
-            "eval_dataset", dataset_name_
-        )
+        name = prepared_dataset_name(dataset_name_)
         check_container(dataset, name)
         if formatting_func is not None:
             formatting_func = _checked_formatting_func(formatting_func, name)
@@ -578,13 +557,7 @@ class DiffusionSFTTrainer(ShardedCheckpoints, SFTTrainer):
             row_loss = row_loss / supervised.sum(-1).clamp(min=1)
         items = self._count_items(labels, attention_mask) if num_items_in_batch is None else num_items_in_batch
         loss = row_loss.sum() / torch.as_tensor(items, device=row_loss.device).clamp(min=1)
-        if num_items_in_batch is not None and args.average_tokens_across_devices:
-            # `num_items_in_batch` counts every process's items and DDP averages the gradients over processes.
-            loss = loss * self.accelerator.num_processes
-        if router_losses:
-            router_loss = args.load_balance_coef * outputs.aux_loss + args.z_loss_coef * outputs.z_loss
-            steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
-            loss = loss + router_loss / steps
+        loss = step_share_of_loss(self, loss, outputs, router_losses, num_items_in_batch)
 
         with torch.no_grad():
             metrics = self._metrics[mode]

@@ -21,7 +21,6 @@ ln 2). Such copies are detected and refused, as policy or reference.
 from __future__ import annotations
 
 import contextlib
-import math
 import textwrap
 from dataclasses import dataclass, field
 
@@ -44,17 +43,31 @@ from modeling_llada_moe.forward_process import (
     uniform_mask_counts,
 )
 
+from .common import (
+    check_choice,
+    check_flag,
+    check_integer,
+    check_mask_token_id_field,
+    check_models,
+    check_number,
+    eos_token_id,
+    forward_runs_another_module,
+    load_policy,
+    refuse_router_aux_loss,
+    resolve_mask_token_id,
+    step_share_of_loss,
+)
 from .data_checks import (
     PROMPT,
     RESPONSE,
     Column,
     check_container,
+    check_containers,
     check_dataset,
-    check_mask_token_id,
     check_not_emptied,
     check_prepared_tokens,
     column_names,
-    dataset_name,
+    prepared_dataset_name,
 )
 from .sharded_checkpoints import ShardedCheckpoints
 
@@ -164,12 +177,9 @@ class VRPOConfig(DPOConfig):
                 "padding_free=True: VRPO needs one sequence per row (bidirectional attention would mix packed "
                 "sequences, and each response needs its own EOS tail)"
             )
-        if self.router_aux_loss_coef not in (None, 0.0):
-            raise ValueError(
-                f"router_aux_loss_coef={self.router_aux_loss_coef}: TRL's aux-loss path is not used by VRPO; set "
-                "load_balance_coef / z_loss_coef instead"
-            )
-        self.router_aux_loss_coef = 0.0
+        refuse_router_aux_loss(
+            self, "TRL's aux-loss path is not used by VRPO; set load_balance_coef / z_loss_coef instead"
+        )
         self._check_vrpo_fields()
         if self.num_timesteps is not None and self.num_mc_samples % self.num_timesteps:
             raise ValueError(
@@ -181,36 +191,17 @@ class VRPOConfig(DPOConfig):
     def _check_vrpo_fields(self) -> None:
         """Types, ranges and finiteness of this class's own fields and of `beta`: `ValueError` naming the field, its
         value and what is accepted."""
-
-        def number(name: str, ok, accepted: str) -> None:
-            value = getattr(self, name)
-            real = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if not real or not math.isfinite(value) or not ok(value):
-                raise ValueError(f"{name}={value!r}: expected {accepted}")
-
-        def integer(name: str, ok, accepted: str, optional: bool = False) -> None:
-            value = getattr(self, name)
-            if optional and value is None:
-                return
-            if isinstance(value, bool) or not isinstance(value, int) or not ok(value):
-                raise ValueError(f"{name}={value!r}: expected {accepted}")
-
-        def flag(name: str) -> None:
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name}={getattr(self, name)!r}: expected True or False")
-
-        integer("mask_token_id", lambda v: v >= 0, "None (the model config's) or a token id (an int >= 0)", True)
-        integer("num_mc_samples", lambda v: v >= 1, "a positive integer")
-        integer("num_timesteps", lambda v: v >= 1, "None or a positive divisor of num_mc_samples", True)
-        integer("mask_seed", lambda v: 0 <= v < 2**64, "an integer seed in [0, 2**64)")
-        number("beta", lambda v: v > 0, "a finite number > 0 (the DPO temperature)")
-        number("time_epsilon", lambda v: 0 < v < 1, "a finite float in (0, 1)")
-        number("load_balance_coef", lambda v: v >= 0, "a finite weight >= 0")
-        number("z_loss_coef", lambda v: v >= 0, "a finite weight >= 0")
-        if not isinstance(self.elbo_form, str) or self.elbo_form not in ELBO_FORMS:
-            raise ValueError(f"elbo_form={self.elbo_form!r}: expected one of {ELBO_FORMS}")
-        flag("antithetic")
-        flag("eos_tail")
+        check_mask_token_id_field(self)
+        check_integer(self, "num_mc_samples", lambda v: v >= 1, "a positive integer")
+        check_integer(self, "num_timesteps", lambda v: v >= 1, "None or a positive divisor of num_mc_samples", True)
+        check_integer(self, "mask_seed", lambda v: 0 <= v < 2**64, "an integer seed in [0, 2**64)")
+        check_number(self, "beta", lambda v: v > 0, "a finite number > 0 (the DPO temperature)")
+        check_number(self, "time_epsilon", lambda v: 0 < v < 1, "a finite float in (0, 1)")
+        check_number(self, "load_balance_coef", lambda v: v >= 0, "a finite weight >= 0")
+        check_number(self, "z_loss_coef", lambda v: v >= 0, "a finite weight >= 0")
+        check_choice(self, "elbo_form", ELBO_FORMS)
+        check_flag(self, "antithetic")
+        check_flag(self, "eos_tail")
 
 
 @dataclass
@@ -355,30 +346,6 @@ def elbo_terms(model, copies: NoisyCopies, output_router_logits: bool = False):
     return (-nll).view(copies.num_rows, copies.num_samples), outputs
 
 
-def forward_runs_another_module(model) -> bool:
-    """Whether `model.forward` is an instance attribute whose wrapped callables are bound to a different module.
-
-    TRL patches `forward` on the instance with a closure over the original bound `forward`; `copy.deepcopy` rebinds
-    the outer method to the copy but keeps the closure, so the copy silently runs the original's weights.
-    """
-    base = model.get_base_model() if is_peft_model(model) else model
-    pending, seen = [vars(base).get("forward")], set()
-    while pending:
-        function = pending.pop()
-        if function is None or not callable(function) or id(function) in seen:
-            continue
-        seen.add(id(function))
-        owner = getattr(function, "__self__", None)
-        if isinstance(owner, torch.nn.Module) and owner is not base:
-            return True
-        inner = getattr(function, "__func__", function)
-        for cell in getattr(inner, "__closure__", None) or ():
-            with contextlib.suppress(ValueError):  # an empty cell
-                pending.append(cell.cell_contents)
-        pending.append(getattr(inner, "__wrapped__", None))
-    return False
-
-
 class VRPOTrainer(ShardedCheckpoints, DPOTrainer):
     """`DPOTrainer` running DPO on Monte-Carlo ELBO estimates, with VRPO's variance reductions.
 
@@ -435,18 +402,8 @@ class VRPOTrainer(ShardedCheckpoints, DPOTrainer):
             raise ValueError("VRPOTrainer computes no causal logits for compute_metrics; read the logged eval metrics")
         if processing_class is None:
             raise ValueError("VRPOTrainer needs processing_class= (the tokenizer); it is not loaded from the model")
-        check_container(train_dataset, "train_dataset")
-        for key, dataset in eval_dataset.items() if isinstance(eval_dataset, dict) else [(None, eval_dataset)]:
-            if dataset is not None:
-                check_container(dataset, dataset_name("eval_dataset", key))
-        if isinstance(model, str):
-            from modeling_llada_moe import LLaDAMoEForMaskedLM
-
-            init_kwargs = {"dtype": torch.float32, **(args.model_init_kwargs or {})}
-            if quantization_config is not None:
-                init_kwargs["quantization_config"] = quantization_config
-            model = LLaDAMoEForMaskedLM.from_pretrained(model, **init_kwargs)
-            quantization_config = None
+        check_containers(train_dataset, eval_dataset)
+        model, quantization_config = load_policy(model, args, quantization_config)
         if ref_model is None and peft_config is None and not is_peft_model(model):
             if not args.precompute_ref_log_probs:
                 raise ValueError(
@@ -454,30 +411,11 @@ class VRPOTrainer(ShardedCheckpoints, DPOTrainer):
                     "policy), or train an adapter with peft_config= (the reference is the adapter-disabled base), or "
                     "set precompute_ref_log_probs=True. The reference is never reloaded from config._name_or_path."
                 )
-        for name, candidate in (("model", model), ("ref_model", ref_model)):
-            if candidate is not None and forward_runs_another_module(candidate):
-                raise ValueError(
-                    f"{name}.forward is patched on the instance and runs another model's weights, as in a "
-                    "copy.deepcopy of a model that a TRL trainer already patched. Build it fresh (load it again, or "
-                    "construct it and load_state_dict) before creating any trainer."
-                )
-        if peft_config is not None and getattr(peft_config, "target_modules", None) is not None:
-            from quantization import check_lora_targets
-
-            check_lora_targets(model, peft_config.target_modules)
+        check_models(model, ref_model, peft_config)
 
         config = model.config
-        self.mask_token_id = args.mask_token_id if args.mask_token_id is not None else config.mask_token_id
-        if self.mask_token_id is None or not 0 <= self.mask_token_id < config.vocab_size:
-            raise ValueError(
-                f"mask_token_id={self.mask_token_id} is not in the vocabulary [0, {config.vocab_size}); set "
-                "VRPOConfig.mask_token_id"
-            )
-        check_mask_token_id(self.mask_token_id, config=config, tokenizer=processing_class)
-        tokenizer = getattr(processing_class, "tokenizer", processing_class)
-        eos = tokenizer.eos_token_id
-        if eos is None:
-            eos = config.eos_token_id[0] if isinstance(config.eos_token_id, list) else config.eos_token_id
+        self.mask_token_id = resolve_mask_token_id(args, config, processing_class, "VRPOConfig.mask_token_id")
+        eos = eos_token_id(getattr(processing_class, "tokenizer", processing_class), config)
         if eos is None:
             raise ValueError("VRPOTrainer needs an eos_token_id (tokenizer or model config) for the EOS tail")
         # Set before DPOTrainer.__init__: with precompute_ref_log_probs it already calls compute_ref_log_probs.
@@ -502,9 +440,7 @@ class VRPOTrainer(ShardedCheckpoints, DPOTrainer):
         """DPOTrainer's preparation, after a one-pass check of the rows (a `ValueError` naming the row and column of a
         None, a wrong type, an empty `chosen` / `rejected`, one without an assistant turn, conversational and plain
         rows mixed, the mask token) and followed by a scan of the token ids for the mask id."""
-        name = {"train": "train_dataset", "eval": "eval_dataset"}.get(dataset_name_) or dataset_name(
-            "eval_dataset", dataset_name_
-        )
+        name = prepared_dataset_name(dataset_name_)
         check_container(dataset, name)
         present = column_names(dataset)
         missing = [column for column in ("chosen", "rejected") if column not in present]
@@ -646,14 +582,7 @@ class VRPOTrainer(ShardedCheckpoints, DPOTrainer):
         scores = self.beta * (chosen_logratios - rejected_logratios)
         pairs = scores.shape[0] if num_items_in_batch is None else num_items_in_batch
         loss = -F.logsigmoid(scores).sum() / torch.as_tensor(pairs, device=scores.device) * self.loss_weights[0]
-        if num_items_in_batch is not None and args.average_tokens_across_devices:
-            # `num_items_in_batch` counts every process's pairs and DDP averages the gradients over processes.
-            loss = loss * self.accelerator.num_processes
-        if router_losses:
-            router_loss = args.load_balance_coef * outputs.aux_loss + args.z_loss_coef * outputs.z_loss
-            loss = loss + router_loss / (
-                self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
-            )
+        loss = step_share_of_loss(self, loss, outputs, router_losses, num_items_in_batch)
 
         with torch.no_grad():
             metrics = self._metrics[mode]

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from time_limit import time_limit
 
-from modeling_llada_moe import DiffusionGenerationConfig
+from modeling_llada_moe import DiffusionGenerationConfig, unmasking
 from modeling_llada_moe.generation_utils import (
     confidence,
     decoding_preset,
@@ -286,7 +286,16 @@ def test_threshold_decay_starts_at_one_and_falls_to_the_threshold():
     assert not (decayed.sequences == MASK).any()
     # the hierarchy's high threshold decays the same way; its low threshold stays
     high = model.diffusion_generate(x, low_threshold=0.01, threshold_decay=0.5, **kwargs)
-    assert ((high.unmask_step == 0).sum(1) >= 1).all() and not (high.sequences == MASK).any()
+    assert not (high.sequences == MASK).any()
+    # At the first forward the high threshold has decayed to 1.0, so only the hierarchy's low threshold can select:
+    # the best of each run of masked positions (0.3 and 0.4 here) when it is >= 0.01. A low threshold that decayed
+    # with the high one (to 1.0) would select nothing.
+    policy = unmasking.HierarchyPolicy(threshold=0.9, low_threshold=0.01, decay=0.5)
+    scores = torch.tensor([[0.3, 0.1, 0.9, 0.4, 0.2]])
+    candidates = torch.tensor([[True, True, False, True, True]])
+    assert policy.threshold_at(0) == 1.0
+    assert policy.rule(scores, candidates, 0).tolist() == [[True, False, False, True, False]]
+    assert policy.rule(scores, candidates, 1).tolist() == [[True, False, False, True, False]]  # high 0.5: no more
 
 
 # --- defaults unchanged, presets -------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ block: finished rows stay in the batch). The CUDA checks (inductor, CUDA graphs)
 
 import pytest
 import torch
+import torch._inductor.config
 from conftest import tiny_model
 from transformers import CompileConfig
 from transformers.generation.logits_process import LogitsProcessor
@@ -142,3 +143,19 @@ def test_cuda_graphs_with_a_block_cache_are_refused():
         model.diffusion_generate(
             prompts(1, 5).cuda(), max_new_tokens=4, cache_implementation="dual", compile_config=CompileConfig()
         )
+
+
+def test_inductor_compiles_a_small_case_on_cpu_with_the_eager_tokens():
+    # The recording backend above checks capture; this runs inductor's real code generation (C++ kernels) once, on
+    # a one-layer model and one 4-token block (about a minute on one busy core, mostly the C++ build).
+    model = fresh(tiny_model(seed=7, num_hidden_layers=1, moe_layer_freq=[1]))
+    x = prompts()
+    kwargs = dict(max_new_tokens=4, block_length=4, return_dict_in_generate=True)
+    eager = model.diffusion_generate(x, **kwargs)
+    config = CompileConfig(backend="inductor", mode="default", fullgraph=True, dynamic=None)
+    with torch._inductor.config.patch(compile_threads=1):
+        compiled = model.diffusion_generate(x, compile_config=config, **kwargs)
+    assert torch.equal(compiled.sequences, eager.sequences)
+    assert compiled.nfe.tolist() == eager.nfe.tolist()
+    assert torch.equal(compiled.unmask_step, eager.unmask_step)
+    torch._dynamo.reset()

@@ -231,6 +231,7 @@ def train_one_step(folder: Path, mode: str, device: str, output_dir: str, smoke:
         model.expert_cache_bytes = 0
         model = prepare_for_qlora(model, LoraConfig(r=LORA_R, lora_alpha=2 * LORA_R, target_modules=ATTENTION_TARGETS))
         load_s = time.perf_counter() - start
+        load_peak = torch.cuda.max_memory_allocated() if on_gpu else anon.peak
         tokenizer = word_tokenizer(model.config)
         prompt_tokens, completion_tokens = (16, 16) if smoke else (PROMPT_TOKENS, COMPLETION_TOKENS)
         prompt = lambda: words(prompt_tokens, rng)  # noqa: E731
@@ -269,7 +270,7 @@ def train_one_step(folder: Path, mode: str, device: str, output_dir: str, smoke:
     logs = {key: value for entry in trainer.state.log_history for key, value in entry.items()}
     figures = dict(
         mode=mode, batch=batch, tokens=f"{prompt_tokens} + {completion_tokens}", load_s=load_s, step_s=step_s,
-        peak_mib=peak / MiB, trainable=trainable,
+        peak_mib=peak / MiB, load_peak_mib=load_peak / MiB, trainable=trainable,
         loss=logs["train_loss"],
     )
     if "rollout/seconds" in logs:
@@ -330,14 +331,14 @@ def main() -> None:
 def print_training_table(rows: list[dict], peak: str) -> None:
     print(f"\n## One QLoRA step (NF4 base, LoRA r={LORA_R} on q/k/v/o, gradient checkpointing)\n")
     print(f"| mode | batch | tokens (prompt + completion) | trainable params | load s | step s | of which rollout s | "
-          f"{peak} | loss |")
+          f"{peak}: load + step (load alone) | loss |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
         rollout = f"{row['rollout_s']:.2f}" if "rollout_s" in row else "–"
         print(
             f"| {row['mode']} | {row['batch']} | {row['tokens']} | {row['trainable']:,} | {row['load_s']:.2f} | "
             f"{row['step_s']:.2f} | "
-            f"{rollout} | {row['peak_mib']:.0f} | {row['loss']:.4g} |"
+            f"{rollout} | {row['peak_mib']:.0f} ({row['load_peak_mib']:.0f}) | {row['loss']:.4g} |"
         )
 
 

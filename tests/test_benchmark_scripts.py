@@ -81,7 +81,8 @@ def test_scale_benchmark_runs_a_narrow_one_layer_slice(tmp_path):
     assert f"wrote {folder}" in out and "3,937,056 parameters" in out and "failed" not in out
     config = (folder / "config.json").read_text()
     assert '"model_type": "llada"' in config and '"num_experts": 16' in config  # the official layout, narrowed
-    rows = table_rows(out)
+    loading, training = out.split("\n## One QLoRA step")
+    rows = table_rows(loading)
     assert list(rows)[2:] == ["bf16", "int8", "nf4", "nf4-bnb"]  # after the header and its rule: every mode ran
     weights = {mode: [float(mib) for mib in rows[mode][2].split(" / ")] for mode in rows if mode in MODES}
     assert all(report == estimate for report, estimate in weights.values())  # memory_report == estimate_memory
@@ -91,6 +92,24 @@ def test_scale_benchmark_runs_a_narrow_one_layer_slice(tmp_path):
         assert float(rows[mode][5].split()[0]) > 0
     assert rows["bf16"][6] == "–" and all(float(rows[mode][6].split()[0]) > 0 for mode in ("int8", "nf4"))
     assert rows["nf4-bnb"][3:] == ["–"] * 4  # load only
+    # One QLoRA step of each trainer (real trainers, NF4 base): LoRA r=16 on q/k/v/o of the one layer (hidden 256)
+    steps = table_rows(training)
+    assert list(steps)[2:] == ["sft-qlora", "vrpo-qlora", "grpo-qlora"]
+    assert [steps[mode][0] for mode in list(steps)[2:]] == ["4 rows", "1 pair x 2 masks", "1 prompt x 4 completions"]
+    for mode in ("sft-qlora", "vrpo-qlora", "grpo-qlora"):
+        batch, tokens, trainable, load_s, step_s, rollout_s, peak, loss = steps[mode]
+        assert tokens == "16 + 16" and trainable == f"{4 * 16 * (256 + 256):,}"
+        total, load = (float(mib) for mib in peak.strip(")").split(" ("))
+        assert float(load_s) > 0 and float(step_s) > 0 and 0 < load <= total
+        if mode == "grpo-qlora":
+            assert 0 < float(rollout_s) < float(step_s)  # the rollout is part of the step
+        else:
+            assert rollout_s == "–"
+    # At step 0 the adapters are zero: SFT's loss is about ln(4096) = 8.32 for a random model (measured 8.13 and
+    # 8.22), VRPO's is exactly -log sigmoid(0) (policy = reference), GRPO's is ~0 (advantages of a group sum to 0).
+    assert 7.5 < float(steps["sft-qlora"][7]) < 9
+    assert abs(float(steps["vrpo-qlora"][7]) - 0.6931) < 1e-4
+    assert abs(float(steps["grpo-qlora"][7])) < 1e-4
 
 
 MODES = ("bf16", "int8", "nf4", "nf4-bnb")

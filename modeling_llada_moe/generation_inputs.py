@@ -209,6 +209,11 @@ def check_loglikelihood_settings(mc_samples, batch_size, cfg_scale, generator) -
         raise ValueError(f"diffusion_loglikelihood: cfg_scale={cfg_scale!r}; expected a finite float >= 0")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"diffusion_loglikelihood: generator={generator!r}; expected a torch.Generator or None")
+    if generator is not None and generator.device.type != "cpu":
+        raise ValueError(
+            f"diffusion_loglikelihood: generator is on {generator.device}; expected a CPU torch.Generator (the masks "
+            "are drawn on the CPU, then moved to the model's device)"
+        )
 
 
 def check_token_type_ids(token_type_ids, input_ids: torch.Tensor) -> None:

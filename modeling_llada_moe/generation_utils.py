@@ -27,9 +27,12 @@ Guarantees, in every mode (reference, threshold, factor, caches, CFG, sampling, 
 proposed (its logit is -inf for proposals; confidences still use the model's whole distribution, as the reference
 does, so its rankings are unchanged); threshold / factor steps commit at least one masked position of every
 unfinished row, and a block gets at most its length + `FORWARD_CAP_MARGIN` forwards, the last of which commits every
-position left (the threshold / factor ignored); NaN logits, or a position with no token left after `suppress_tokens`
-and a `logits_processor`, raise a `ValueError`; a candidate with a non-finite confidence ranks last. Every argument is
-checked before the first forward: `TypeError` for a wrong type, `ValueError` for a wrong value, naming it.
+position left (the threshold / factor ignored); NaN or +inf logits (unless `remove_invalid_values=True`), or a
+position with no token left after `suppress_tokens` and a `logits_processor`, raise a `ValueError` naming the likely
+cause (one check per forward); a candidate with a non-finite confidence ranks last. `max_time` ends refinement: the
+forward after the budget is spent commits every mask left. Every argument is checked before the first forward
+(processors and stopping criteria when they are called): `TypeError` for a wrong type, `ValueError` for a wrong
+value, naming it.
 """
 
 from __future__ import annotations
@@ -590,10 +593,8 @@ class DiffusionGenerationMixin:
             key: value for key, value in plain.to_dict().items()
             if value is not None and key not in ("transformers_version", "_from_model_config")
         }
-        if settings.get("cache_implementation") is not None:
-            settings.pop(SAVED_CACHE_KEY, None)  # the plain field, when set, wins over a loaded file's own key
         merged = {**model_config.to_dict(), **settings}
-        if "cache_implementation" in settings:
+        if "cache_implementation" in settings:  # the plain field, when set, wins over the saved cache key
             merged.pop(SAVED_CACHE_KEY, None)
         if "temperature" in settings and "do_sample" not in settings:
             merged["do_sample"] = None  # the plain config's temperature decides, as a call's does

@@ -253,7 +253,7 @@ def check_generation_hooks(streamer, generator, tokenizer, config) -> None:
             f"diffusion_generate: generator={generator!r}; expected a torch.Generator or None (e.g. "
             "torch.Generator().manual_seed(0))"
         )
-    if config.stop_strings and not callable(getattr(tokenizer, "decode", None)):
+    if config.stop_strings and tokenizer is not None and not callable(getattr(tokenizer, "decode", None)):
         raise TypeError(
             f"diffusion_generate: tokenizer={tokenizer!r} has no decode(); stop_strings need a transformers tokenizer"
         )

@@ -60,7 +60,39 @@ AR_ONLY_FIELDS = {
     "watermarking_config": (None,),
     "output_scores": (None, False),
     "output_logits": (None, False),
+    "early_stopping": (None, False),
+    "use_mtp": (None, False),
+    "speculation_type": (None,),
+    "cache_config": (None,),
+    "max_cache_len": (None,),
+    "token_healing": (None, False),
+    "decoder_start_token_id": (None,),
+    "low_memory": (None, False),
+    "prefill_chunk_size": (None,),
+    "continuous_batching_config": (None,),
 }
+# GenerationConfig outputs that diffusion decoding does not return, with the values that mean "off".
+NOT_RETURNED_FIELDS = {
+    "output_attentions": (None, False),
+    "output_hidden_states": (None, False),
+}
+# GenerationConfig fields that are accepted with any value and change nothing, with why (see docs/generation.md).
+HARMLESS_FIELDS = {
+    "is_assistant": "marks a model used as another's assistant model; generate refuses `assistant_model`",
+    "num_assistant_tokens": "a setting of assisted decoding, which generate refuses (`assistant_model`)",
+    "num_assistant_tokens_schedule": "a setting of assisted decoding, which generate refuses (`assistant_model`)",
+    "assistant_confidence_threshold": "a setting of assisted decoding, which generate refuses (`assistant_model`)",
+    "max_matching_ngram_size": "a setting of prompt-lookup decoding, refused as `prompt_lookup_num_tokens`",
+    "assistant_lookbehind": "a setting of assisted decoding, which generate refuses (`assistant_model`)",
+    "target_lookbehind": "a setting of assisted decoding, which generate refuses (`assistant_model`)",
+    "assistant_ensemble_weight": "a setting of assisted decoding, which generate refuses (`assistant_model`)",
+    "_from_model_config": "transformers' bookkeeping: whether the config was built from the model config",
+    "transformers_version": "the version that wrote the file",
+}
+# The key a saved generation config stores the diffusion cache kind under: transformers' own validation rejects
+# "prefix" / "dual" as `cache_implementation`, so a saved file keeps that field out and plain
+# `GenerationConfig.from_pretrained` reads it. `DiffusionGenerationConfig` reads both keys back.
+SAVED_CACHE_KEY = "diffusion_cache_implementation"
 
 DIFFUSION_DEFAULTS: dict[str, Any] = {
     "max_new_tokens": 128,
@@ -212,13 +244,23 @@ FIELD_RULES: dict[str, FieldRule] = {
         CompileConfig, allow_none=True, type_accepted="expected a transformers.CompileConfig or None"
     ),
     "disable_compile": flag(allow_none=True),
+    "max_time": real("expected a finite float >= 0 (seconds) or None", minimum=0, allow_none=True),
+    "remove_invalid_values": flag(allow_none=True),
+    "renormalize_logits": flag(allow_none=True),
     # transformers' fields that mean something for autoregressive decoding only: their "off" values alone
     **{
         field: FieldRule(
-            choices=off, allow_none=True, accepted="it applies to autoregressive decoding only (use cfg_scale for "
-            "guidance)",
+            choices=off, allow_none=True, accepted="it applies to autoregressive decoding only"
+            + (" (use cfg_scale for guidance: cfg_scale = guidance_scale - 1)" if field == "guidance_scale" else ""),
         )
         for field, off in AR_ONLY_FIELDS.items()
+    },
+    **{
+        field: FieldRule(
+            choices=off, allow_none=True, accepted="diffusion decoding does not return it (output_history=True "
+            "returns the canvas after every step)",
+        )
+        for field, off in NOT_RETURNED_FIELDS.items()
     },
 }
 # Cache settings that only mean something with a cache, with their "off" values.
@@ -325,6 +367,18 @@ class DiffusionGenerationConfig(GenerationConfig):
             first EOS is unchanged and the rest is `pad_token_id`.
         stop_strings (`str` or `list[str]`, *optional*): stop a row once its finished text contains one of these
             (pass `tokenizer=`); tokens after the completing one become `pad_token_id`.
+        max_time (`float`, *optional*): a time budget in seconds, counted from the start of the decoding (after the
+            argument checks). Once it is spent, the next forward commits every masked position left, in the current
+            block and every later one, with that forward's proposals (the argmax at `temperature=0`): the canvas
+            comes back with no mask left, after one more forward at most. Blocks are then checked for stops in
+            order, as usual. `None` = no budget. `max_time=0` decodes the whole canvas in one forward.
+        remove_invalid_values (`bool`, *optional*): as transformers' `InfNanRemoveLogitsProcessor`, after the
+            `logits_processor`: NaN logits become 0 and +inf / -inf the dtype's largest / smallest value, so
+            decoding goes on where it would otherwise raise. Off (the default), non-finite logits raise a
+            `ValueError` naming the likely cause.
+        renormalize_logits (`bool`, *optional*): accepted; always the case here: proposals and confidences are
+            computed from the softmax of the processed logits, so they are normalised after the processors either
+            way.
         num_return_sequences (`int`, defaults to 1), output_history (`bool`, defaults to `False`),
         return_dict_in_generate (`bool`, defaults to `False`): return a `DiffusionGenerateOutput`.
     """
@@ -353,12 +407,24 @@ class DiffusionGenerationConfig(GenerationConfig):
         self.confidence_suppress_tokens = kwargs.pop("confidence_suppress_tokens", None)
         self.stop_at_eos = kwargs.pop("stop_at_eos", False)
         self.output_history = kwargs.pop("output_history", False)
+        saved_cache = kwargs.pop(SAVED_CACHE_KEY, None)
+        if saved_cache is not None and kwargs.get("cache_implementation") is None:
+            kwargs["cache_implementation"] = saved_cache
         for key, value in DIFFUSION_DEFAULTS.items():
             kwargs.setdefault(key, value)
         if kwargs.get("do_sample") is None and isinstance(kwargs["temperature"], (int, float)):
             # Written out, so that pipelines see greedy decoding as set and add no sampling defaults of their own.
             kwargs["do_sample"] = kwargs["temperature"] > 0
         super().__init__(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """transformers' `to_dict`, with the diffusion cache kind ("prefix" / "dual") under `SAVED_CACHE_KEY` instead
+        of `cache_implementation`, whose values transformers' own `GenerationConfig` validates: a saved
+        `generation_config.json` then loads with plain `GenerationConfig.from_pretrained` too."""
+        output = super().to_dict()
+        if output.get("cache_implementation") in CACHE_IMPLEMENTATIONS:
+            output[SAVED_CACHE_KEY] = output.pop("cache_implementation")
+        return output
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> DiffusionGenerationConfig:

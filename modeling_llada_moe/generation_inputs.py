@@ -35,6 +35,8 @@ def token_id_sequence(name: str, ids, vocab_size: int, mask_id: int) -> torch.Te
     vocabulary: `TypeError` for floats / bools / other types, `ValueError` for other shapes, ids outside [0,
     vocab_size) and the mask token."""
     if isinstance(ids, torch.Tensor):
+        if ids.device.type == "meta":
+            raise ValueError(f"diffusion_loglikelihood: {name} is on the meta device (no values); give real ids")
         if ids.dtype == torch.bool or ids.dtype.is_floating_point or ids.dtype.is_complex:
             raise TypeError(f"diffusion_loglikelihood: {name} has dtype {ids.dtype}; expected integer token ids")
         if ids.dim() == 2 and ids.shape[0] == 1:
@@ -49,6 +51,11 @@ def token_id_sequence(name: str, ids, vocab_size: int, mask_id: int) -> torch.Te
         if not all(is_int(item) for item in ids):
             bad = next(item for item in ids if not is_int(item))
             raise TypeError(f"diffusion_loglikelihood: {name} holds {bad!r}; expected a list of integer token ids")
+        outside = next((item for item in ids if not 0 <= item < vocab_size), None)
+        if outside is not None:  # before the tensor: ids past int64 would overflow there
+            raise ValueError(
+                f"diffusion_loglikelihood: {name} holds token id {outside}, outside the vocabulary [0, {vocab_size})"
+            )
         ids = torch.tensor(list(ids), dtype=torch.long)
     else:
         raise TypeError(
@@ -82,6 +89,8 @@ def check_prompt_ids(input_ids) -> None:
         raise ValueError(
             f"diffusion_generate: input_ids must be a [batch, prompt] LongTensor, got {tuple(input_ids.shape)}"
         )
+    if input_ids.device.type == "meta":
+        raise ValueError("diffusion_generate: input_ids is on the meta device (it holds no values); give real ids")
     if input_ids.shape[1] == 0:
         raise ValueError("diffusion_generate: the prompt is empty (input_ids has 0 columns); give >= 1 token")
     if input_ids.shape[0] == 0:
@@ -164,6 +173,10 @@ def check_attention_mask(attention_mask, input_ids: torch.Tensor) -> torch.Tenso
             f"diffusion_generate: attention_mask must be a tensor of 0/1 like input_ids, got "
             f"{type(attention_mask).__name__}"
         )
+    if attention_mask.device.type == "meta":
+        raise ValueError("diffusion_generate: attention_mask is on the meta device (it holds no values)")
+    if attention_mask.dtype.is_complex:
+        raise TypeError(f"diffusion_generate: attention_mask has dtype {attention_mask.dtype}; expected 0/1 integers")
     if attention_mask.shape != input_ids.shape:
         raise ValueError(
             f"diffusion_generate: attention_mask has shape {tuple(attention_mask.shape)}, input_ids "
@@ -196,3 +209,62 @@ def check_loglikelihood_settings(mc_samples, batch_size, cfg_scale, generator) -
         raise ValueError(f"diffusion_loglikelihood: cfg_scale={cfg_scale!r}; expected a finite float >= 0")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"diffusion_loglikelihood: generator={generator!r}; expected a torch.Generator or None")
+    if generator is not None and generator.device.type != "cpu":
+        raise ValueError(
+            f"diffusion_loglikelihood: generator is on {generator.device}; expected a CPU torch.Generator (the masks "
+            "are drawn on the CPU, then moved to the model's device)"
+        )
+
+
+def check_token_type_ids(token_type_ids, input_ids: torch.Tensor) -> None:
+    """A tokenizer's `token_type_ids` are accepted when all zero (the model has no token types): a tensor of the
+    prompt's shape."""
+    if token_type_ids is None:
+        return
+    if not isinstance(token_type_ids, torch.Tensor):
+        raise TypeError(
+            f"diffusion_generate: token_type_ids is a {type(token_type_ids).__name__}; expected None or an all-zero "
+            "integer tensor like input_ids (LLaDA-MoE has no token types)"
+        )
+    if token_type_ids.shape != input_ids.shape or token_type_ids.device.type == "meta":
+        raise ValueError(
+            f"diffusion_generate: token_type_ids has shape {tuple(token_type_ids.shape)} on "
+            f"{token_type_ids.device}; expected the shape of input_ids {tuple(input_ids.shape)}, all zero"
+        )
+    if token_type_ids.any():
+        raise ValueError(
+            "diffusion_generate: token_type_ids has non-zero entries; LLaDA-MoE has no token types (pass "
+            "input_ids and attention_mask only)"
+        )
+
+
+def check_generation_hooks(streamer, generator, tokenizer, config) -> None:
+    """The objects `diffusion_generate` calls into: a streamer with `put` and `end`, a `torch.Generator`, a tokenizer
+    with `decode` when `stop_strings` need one."""
+    if streamer is not None:
+        missing = [name for name in ("put", "end") if not callable(getattr(streamer, name, None))]
+        if missing:
+            raise TypeError(
+                f"diffusion_generate: streamer={streamer!r} has no {' / '.join(missing)}() method; expected a "
+                "transformers BaseStreamer (put and end, optionally put_draft)"
+            )
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"diffusion_generate: generator={generator!r}; expected a torch.Generator or None (e.g. "
+            "torch.Generator().manual_seed(0))"
+        )
+    if config.stop_strings and tokenizer is not None and not callable(getattr(tokenizer, "decode", None)):
+        raise TypeError(
+            f"diffusion_generate: tokenizer={tokenizer!r} has no decode(); stop_strings need a transformers tokenizer"
+        )
+
+
+def check_cfg_scale_fits(surface: str, cfg_scale: float, dtype: torch.dtype) -> None:
+    """The guidance `(cfg_scale + 1) * (cond - uncond)` is computed in the logits dtype: a `cfg_scale` past its largest
+    value makes every guided logit infinite."""
+    largest = torch.finfo(dtype if dtype.is_floating_point else torch.float32).max
+    if cfg_scale + 1 > largest:
+        raise ValueError(
+            f"{surface}: cfg_scale={cfg_scale!r} exceeds the largest {dtype} value ({largest:.3g}): the guided logits "
+            "(cfg_scale + 1) * (cond - uncond) would all be infinite; use a value far below it (typically 0-5)"
+        )

@@ -27,14 +27,19 @@ Guarantees, in every mode (reference, threshold, factor, caches, CFG, sampling, 
 proposed (its logit is -inf for proposals; confidences still use the model's whole distribution, as the reference
 does, so its rankings are unchanged); threshold / factor steps commit at least one masked position of every
 unfinished row, and a block gets at most its length + `FORWARD_CAP_MARGIN` forwards, the last of which commits every
-position left (the threshold / factor ignored); NaN logits, or a position with no token left after `suppress_tokens`
-and a `logits_processor`, raise a `ValueError`; a candidate with a non-finite confidence ranks last. Every argument is
-checked before the first forward: `TypeError` for a wrong type, `ValueError` for a wrong value, naming it.
+position left (the threshold / factor ignored); NaN or +inf logits (unless `remove_invalid_values=True`), or a
+position with no token left after `suppress_tokens` and a `logits_processor`, raise a `ValueError` naming the likely
+cause (one check per forward); a candidate with a non-finite confidence ranks last. `max_time` ends refinement: the
+forward after the budget is spent commits every mask left. Every argument is checked before the first forward
+(processors and stopping criteria when they are called): `TypeError` for a wrong type, `ValueError` for a wrong
+value, naming it.
 """
 
 from __future__ import annotations
 
 import copy
+import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +47,7 @@ from typing import Any
 
 import torch
 from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
-from transformers.generation.logits_process import SuppressTokensLogitsProcessor
+from transformers.generation.logits_process import InfNanRemoveLogitsProcessor, SuppressTokensLogitsProcessor
 from transformers.utils import GENERATION_CONFIG_NAME, ModelOutput
 
 from .forward_process import elbo_weighted_nll, mask_target_positions, stratified_mask_counts
@@ -57,6 +62,7 @@ from .generation_config import (
     FIELD_RULES,
     PRESET_FIELDS_OFF,
     REMASKING_STRATEGIES,
+    SAVED_CACHE_KEY,
     DiffusionGenerationConfig,
     decoding_preset,
 )
@@ -64,10 +70,13 @@ from .generation_inputs import (
     SpecialTokens,
     as_list_of,
     check_attention_mask,
+    check_cfg_scale_fits,
+    check_generation_hooks,
     check_loglikelihood_settings,
     check_prompt_ids,
     check_prompt_tokens,
     check_suppressed_tokens,
+    check_token_type_ids,
     special_tokens,
     token_id_sequence,
 )
@@ -86,6 +95,7 @@ from .unmasking import (
     exclude_mask_token,
     fuse_credit,
     input_smoothing,
+    non_finite_message,
     propose_tokens,
     select_by_factor,
     select_by_hierarchy,
@@ -194,9 +204,23 @@ def process_block_logits(
     position: `scores` [B * (hi - lo), V], `input_ids` the canvas row of each position [B * (hi - lo), L]."""
     batch, _, vocab = logits.shape
     block = logits[:, lo:hi].reshape(-1, vocab)
-    processed = processors(canvas.repeat_interleave(hi - lo, dim=0), block).reshape(batch, hi - lo, vocab)
+    processed = processors(canvas.repeat_interleave(hi - lo, dim=0), block)
+    if not isinstance(processed, torch.Tensor) or processed.shape != block.shape:
+        shown = tuple(processed.shape) if isinstance(processed, torch.Tensor) else type(processed).__name__
+        raise ValueError(
+            f"diffusion_generate: the logits_processor returned {shown}; expected a tensor of the scores' shape "
+            f"{tuple(block.shape)} (one row per position of the block)"
+        )
+    processed = processed.reshape(batch, hi - lo, vocab)
     return torch.cat([logits[:, :lo], processed.to(logits.dtype), logits[:, hi:]], dim=1)
 
+
+
+@dataclass
+class _Guidance:
+    """The one setting of `diffusion_loglikelihood` that can make its logits non-finite, for `non_finite_message`."""
+
+    cfg_scale: float
 
 
 @dataclass
@@ -272,12 +296,17 @@ class DecodingState:
     unmask_step: torch.Tensor = field(init=False)  # [B, N] the forward that committed each token (-1: none)
     history: list[torch.Tensor] | None = field(init=False)  # the canvas after every step, with output_history
     forwards: int = 0  # denoising steps run so far in this call (cache_warmup_steps, the smoothing and decay schedules)
+    deadline: float | None = None  # time.monotonic() at which `max_time` is spent (None: no budget)
 
     def __post_init__(self):
         batch, device = self.canvas.shape[0], self.canvas.device
         self.nfe = torch.zeros(batch, dtype=torch.long, device=device)
         self.unmask_step = torch.full((batch, self.config.max_new_tokens), -1, dtype=torch.long, device=device)
         self.history = [] if self.config.output_history else None
+
+    def out_of_time(self) -> bool:
+        """Whether the `max_time` budget is spent (checked before each forward)."""
+        return self.deadline is not None and time.monotonic() >= self.deadline
 
     @property
     def prompt_length(self) -> int:
@@ -302,7 +331,10 @@ class DecodingState:
         """(proposal, scores, candidates), each [rows, canvas]: the token each masked position would take (the
         others keep theirs), its confidence (-inf outside the block's masked positions, the `candidates`)."""
         config, mask_id, xs, generator = self.config, self.special.mask, block.xs, self.hooks.generator
-        allowed = exclude_mask_token(logits, mask_id, block.start - window[0], block.end - window[0], config)
+        allowed = exclude_mask_token(
+            logits, mask_id, block.start - window[0], block.end - window[0], config,
+            processed=bool(self.hooks.logits_processor),
+        )
         proposal_w = propose_tokens(allowed, config.temperature, config.top_k, config.top_p, generator)
         scores_w = confidence(
             logits, proposal_w, config.remasking, config.confidence_suppress_tokens, generator,
@@ -359,7 +391,7 @@ class DecodingState:
                     break
         if self.hooks.stopping_criteria:
             for length in range(first, last + 1):
-                if bool(self.hooks.stopping_criteria(x[row : row + 1, : prompt_len + length], None).any()):
+                if stopping_says_stop(self.hooks.stopping_criteria, x[row : row + 1, : prompt_len + length]):
                     cut = length
                     break
         if cut is not None:
@@ -377,6 +409,28 @@ class DecodingState:
             unmask_step=self.unmask_step,
             history=tuple(self.history) if self.history is not None else None,
         )
+
+
+def stopping_says_stop(criteria: StoppingCriteriaList, input_ids: torch.Tensor) -> bool:
+    """Whether any of `criteria` says the one row `input_ids` [1, L] is done: each must return a bool or a bool tensor
+    of one value per row (transformers' contract), else a `ValueError` names the criterion."""
+    for criterion in criteria:
+        result = criterion(input_ids, None)
+        if isinstance(result, bool):
+            done = result
+        elif isinstance(result, torch.Tensor) and result.numel() == input_ids.shape[0] and (
+            result.dtype == torch.bool or not result.dtype.is_floating_point
+        ):
+            done = bool(result.any())
+        else:
+            shown = f"shape {tuple(result.shape)}" if isinstance(result, torch.Tensor) else repr(result)
+            raise ValueError(
+                f"diffusion_generate: the stopping criterion {type(criterion).__name__} returned {shown}; expected "
+                f"a bool tensor of one value per row ({input_ids.shape[0]})"
+            )
+        if done:
+            return True
+    return False
 
 
 class DiffusionGenerationMixin:
@@ -478,9 +532,18 @@ class DiffusionGenerationMixin:
         """A validated copy of `generation_config` (default: the model's) with the call's `kwargs` applied.
 
         With `prompt_length`, a `max_length` (prompt + canvas, as in transformers) becomes `max_new_tokens`."""
+        if generation_config is not None and not isinstance(generation_config, GenerationConfig):
+            shown = repr(generation_config) if isinstance(generation_config, (str, int, float)) else (
+                f"a {type(generation_config).__name__}"
+            )
+            raise TypeError(
+                f"diffusion_generate: generation_config={shown}; expected a DiffusionGenerationConfig or a "
+                "transformers GenerationConfig (pass settings as keyword arguments, e.g. **{...}, or "
+                "DiffusionGenerationConfig(**{...}))"
+            )
         base = generation_config if generation_config is not None else self.generation_config
         if not isinstance(base, DiffusionGenerationConfig):
-            base = DiffusionGenerationConfig.from_dict(base.to_dict())
+            base = self._from_plain_config(base)
         config = copy.deepcopy(base)
         fields = {name for name in vars(config) if not name.startswith("_")}
         unknown = sorted(set(kwargs) - fields)
@@ -519,6 +582,27 @@ class DiffusionGenerationMixin:
             config.max_new_tokens = canvas
         config.validate()
         return config
+
+    def _from_plain_config(self, plain: GenerationConfig) -> DiffusionGenerationConfig:
+        """A plain transformers `GenerationConfig` as transformers' `generate` reads one: the fields it sets (not
+        None, custom entries included) over the model's generation config, whose values fill the rest."""
+        model_config = self.generation_config
+        if not isinstance(model_config, DiffusionGenerationConfig):
+            model_config = DiffusionGenerationConfig()
+        settings = {
+            key: value for key, value in plain.to_dict().items()
+            if value is not None and key not in ("transformers_version", "_from_model_config")
+        }
+        merged = {**model_config.to_dict(), **settings}
+        if "cache_implementation" in settings:  # the plain field, when set, wins over the saved cache key
+            merged.pop(SAVED_CACHE_KEY, None)
+        if "temperature" in settings and "do_sample" not in settings:
+            merged["do_sample"] = None  # the plain config's temperature decides, as a call's does
+        elif settings.get("do_sample") is False and "temperature" not in settings:
+            merged["temperature"] = 0.0
+        if "max_new_tokens" in settings and "max_length" not in settings:
+            merged["max_length"] = None
+        return DiffusionGenerationConfig.from_dict(merged)
 
     @torch.no_grad()
     def diffusion_generate(
@@ -559,28 +643,38 @@ class DiffusionGenerationMixin:
         if input_ids is None:
             input_ids = kwargs.pop("inputs", None)
         token_type_ids = kwargs.pop("token_type_ids", None)
-        if token_type_ids is not None and torch.as_tensor(token_type_ids).any():
-            raise ValueError(
-                "diffusion_generate: token_type_ids has non-zero entries; LLaDA-MoE has no token types (pass "
-                "input_ids and attention_mask only)"
-            )
         logits_processor = as_list_of(logits_processor, LogitsProcessorList, "logits_processor")
         stopping_criteria = as_list_of(stopping_criteria, StoppingCriteriaList, "stopping_criteria")
         prompt_length = input_ids.shape[-1] if isinstance(input_ids, torch.Tensor) else None
         config = self._resolve_generation_config(generation_config, kwargs, prompt_length)
-        input_ids, attention_mask, special = self._check_generation_inputs(input_ids, attention_mask, config, tokenizer)
+        check_generation_hooks(streamer, generator, tokenizer, config)
+        input_ids, attention_mask, special = self._check_generation_inputs(
+            input_ids, attention_mask, config, tokenizer, token_type_ids
+        )
         if stopping_criteria and special.pad is None:
             raise ValueError(
                 "diffusion_generate: stopping_criteria need a pad_token_id (or eos_token_id) to fill the tail"
             )
-        input_ids = input_ids.repeat_interleave(config.num_return_sequences, dim=0)
-        attention_mask = attention_mask.repeat_interleave(config.num_return_sequences, dim=0)
         hooks = DecodingHooks(streamer, generator, tokenizer, logits_processor, stopping_criteria)
+        copies = config.num_return_sequences
+        rows = input_ids.shape[0] * copies
+        # every forward computes logits of at least one block per row: refuse what could never be allocated
+        # rather than fail (or be killed) inside the first forward
+        if rows * (input_ids.shape[1] + config.max_new_tokens) > torch.iinfo(torch.int32).max:
+            raise ValueError(
+                f"diffusion_generate: num_return_sequences={copies} gives {rows} rows of "
+                f"{input_ids.shape[1] + config.max_new_tokens} positions, more than one batch can index "
+                f"({torch.iinfo(torch.int32).max} positions); generate in smaller batches"
+            )
+        input_ids = input_ids.repeat_interleave(copies, dim=0)
+        attention_mask = attention_mask.repeat_interleave(copies, dim=0)
         return self._diffusion_sample(input_ids, attention_mask, config, special, hooks)
 
-    def _check_generation_inputs(self, input_ids, attention_mask, config, tokenizer):
+    def _check_generation_inputs(self, input_ids, attention_mask, config, tokenizer, token_type_ids=None):
         """Check the prompt and the token ids of `config` against the model, before any forward pass."""
         check_prompt_ids(input_ids)
+        check_token_type_ids(token_type_ids, input_ids)
+        check_cfg_scale_fits("diffusion_generate", config.cfg_scale, self.dtype)
         model_config = self.config
         vocab = model_config.vocab_size
         mask_id = config.mask_token_id if config.mask_token_id is not None else model_config.mask_token_id
@@ -628,6 +722,7 @@ class DiffusionGenerationMixin:
             forward=forward,
             static_rows=static_rows,
             cudagraphs=cudagraphs,
+            deadline=None if config.max_time is None else time.monotonic() + config.max_time,
         )
 
     def _diffusion_sample(
@@ -647,7 +742,10 @@ class DiffusionGenerationMixin:
             if rows.numel() == 0:
                 break
             columns = (start, start + length)
-            self._decode_block(state, ActiveBlock.open(state, columns, steps, rows, self.config.num_hidden_layers))
+            if not state.out_of_time():
+                self._decode_block(state, ActiveBlock.open(state, columns, steps, rows, self.config.num_hidden_layers))
+            if state.out_of_time() and (state.canvas[rows, start:] == special.mask).any():
+                self._finish_canvas(state, start, rows)
             for row in rows.tolist():
                 stops = state.row_stops(row, columns)
                 if stops is not None:
@@ -668,6 +766,8 @@ class DiffusionGenerationMixin:
             still_masked = block.masked(mask_id).any(dim=1)
             if policy.block_done(block.step, still_masked):
                 break
+            if state.out_of_time():
+                return  # `_finish_canvas` commits what is left
             if policy.fills_block and not still_masked.all() and not state.static_rows:
                 # a row whose block is final takes part in no more forwards
                 keep = still_masked.nonzero().squeeze(1)
@@ -680,17 +780,34 @@ class DiffusionGenerationMixin:
                 f"diffusion_generate: the block [{block.start}, {block.end}) still holds mask tokens after decoding"
             )
 
-    def _denoise_step(self, state: DecodingState, block: ActiveBlock, still_masked: torch.Tensor) -> None:
-        """One forward: the logits the step decodes from, a proposal and a score per position, the policy's commits."""
+    def _finish_canvas(self, state: DecodingState, start: int, rows: torch.Tensor) -> None:
+        """`max_time` is spent: one forward over the whole canvas of `rows` (no cache) commits every masked position
+        from `start` on, the current block and every later one, with that forward's proposals."""
+        mask_id = state.special.mask
+        block = ActiveBlock(
+            start, state.canvas.shape[1], 1, rows, state.canvas[rows], state.attention_mask[rows],
+            state.prompt_index[rows],
+        )
+        state.policy.start_block(block.masked(mask_id), 1)
+        self._denoise_step(state, block, block.masked(mask_id).any(dim=1), finish=True)
+
+    def _denoise_step(
+        self, state: DecodingState, block: ActiveBlock, still_masked: torch.Tensor, finish: bool = False
+    ) -> None:
+        """One forward: the logits the step decodes from, a proposal and a score per position, the policy's commits
+        (`finish`: every masked position of the block)."""
         logits, window = self._step_logits(state, block)
         # the step's predictions feed the next forwards' inputs; then the block's own columns only are decoded
         logits, window = state.smoothing.observe(logits, window, (block.start, block.end), block.rows, state.forwards)
         lo, hi = block.start - window[0], block.end - window[0]  # the block's columns in the step's logits
         if state.hooks.logits_processor:
             logits = process_block_logits(state.hooks.logits_processor, block.xs, logits, lo, hi)
+        if state.config.remove_invalid_values:
+            logits = InfNanRemoveLogitsProcessor()(None, logits)
         logits = state.policy.adjust_logits(logits, (lo, hi), block.masked(state.special.mask))
         proposal, scores, candidates = state.proposals(block, logits, window)
-        commit = state.policy.select(scores, candidates, block.step, state.forwards)
+        # out of time: this forward commits every masked position left (`max_time`)
+        commit = candidates if finish else state.policy.select(scores, candidates, block.step, state.forwards)
         state.commit(block, torch.where(commit, proposal, block.xs), commit, still_masked)
         block.step += 1
         state.forwards += 1
@@ -767,6 +884,7 @@ class DiffusionGenerationMixin:
         device = self.device
         vocab = self.config.vocab_size
         check_loglikelihood_settings(mc_samples, batch_size, cfg_scale, generator)
+        check_cfg_scale_fits("diffusion_loglikelihood", cfg_scale, self.dtype)
         mask_id = mask_token_id if mask_token_id is not None else self.config.mask_token_id
         if not is_int(mask_id) or not 0 <= mask_id < vocab:
             raise ValueError(
@@ -787,6 +905,11 @@ class DiffusionGenerationMixin:
                 f"diffusion_loglikelihood: mc_samples={mc_samples} must be a positive multiple of "
                 f"batch_size={batch_size}"
             )
+        if batch_size * total_length > torch.iinfo(torch.int32).max:
+            raise ValueError(
+                f"diffusion_loglikelihood: batch_size={batch_size} copies of {total_length} tokens are more than one "
+                f"forward can index ({torch.iinfo(torch.int32).max} positions); use a smaller batch_size"
+            )
         sequence = torch.cat([prefix, target])[None].expand(batch_size, -1)
         target_mask = torch.zeros_like(sequence, dtype=torch.bool)
         target_mask[:, prefix.numel() :] = True
@@ -801,5 +924,9 @@ class DiffusionGenerationMixin:
                 logits = uncond_logits + (cfg_scale + 1) * (cond_logits - uncond_logits)
             else:
                 logits = self(noisy).logits
-            total += elbo_weighted_nll(logits, sequence, masked, lengths).sum().item()
+            batch_total = elbo_weighted_nll(logits, sequence, masked, lengths).sum().item()
+            if not math.isfinite(batch_total):  # the one sync per forward there is anyway
+                cause = non_finite_message("diffusion_loglikelihood", "logits", _Guidance(cfg_scale))
+                raise ValueError(f"{cause}; or a target token the model gives probability 0")
+            total += batch_total
         return torch.tensor(-total / mc_samples)

@@ -28,26 +28,48 @@ from torch import nn
 FORWARD_CAP_MARGIN = 2
 
 
-def exclude_mask_token(logits: torch.Tensor, mask_id: int, lo: int, hi: int, config) -> torch.Tensor:
+def exclude_mask_token(
+    logits: torch.Tensor, mask_id: int, lo: int, hi: int, config, processed: bool = False
+) -> torch.Tensor:
     """`logits` [B, W, V] with the mask token's logit at -inf, so it is never proposed. (Confidences still come from
     the model's whole distribution, mask token included, as in the LLaDA reference: its rankings stay token-exact.)
 
-    Checks the columns [lo, hi) (the current block): NaN logits or a position where no token is left (every logit
-    -inf, e.g. from a `logits_processor`) raise a `ValueError` instead of decoding garbage or looping."""
+    Checks the columns [lo, hi) (the current block) with one reduction: NaN or +inf logits (`processed`: a
+    `logits_processor` acted on them) raise a `ValueError` naming the likely cause instead of decoding garbage, and so
+    does a position where no token is left (every logit -inf, e.g. from a `logits_processor`)."""
     logits = logits.clone()
     logits[..., mask_id] = float("-inf")
-    block = logits[:, lo:hi]
-    if torch.isnan(block).any():
-        raise ValueError(
-            f"diffusion_generate: the model's logits hold NaN (cfg_scale={config.cfg_scale}; check a "
-            "logits_processor, the weights and the dtype)"
-        )
-    if torch.isneginf(block.amax(dim=-1)).any():
-        raise ValueError(
-            "diffusion_generate: a position has no token left to propose (every logit is -inf after the mask "
-            "token, suppress_tokens and the logits_processor are applied)"
-        )
+    top = logits[:, lo:hi].amax(dim=-1)  # NaN where a position holds a NaN, +inf / -inf where its best logit is
+    if not torch.isfinite(top).all():
+        if torch.isneginf(top).any() and not (torch.isnan(top) | torch.isposinf(top)).any():
+            raise ValueError(
+                "diffusion_generate: a position has no token left to propose (every logit is -inf after the mask "
+                "token, suppress_tokens and the logits_processor are applied)"
+            )
+        raise ValueError(non_finite_message("diffusion_generate", "logits", config, processed))
     return logits
+
+
+def non_finite_message(surface: str, what: str, config, processed: bool = False) -> str:
+    """Why a forward's values are not finite, naming the settings that can make them so (for `surface`'s error)."""
+    causes = []
+    cfg_scale = getattr(config, "cfg_scale", 0.0)
+    if cfg_scale:
+        causes.append(f"cfg_scale={cfg_scale!r} (the guidance (cfg_scale + 1) * (cond - uncond) overflows: lower it)")
+    if processed:
+        causes.append("a logits_processor (it returned NaN or +inf)")
+    if getattr(config, "credit_alpha", None) is not None:
+        causes.append(f"credit_alpha={config.credit_alpha!r}")
+    causes.append(
+        "the model's weights or config (its forward returned non-finite logits: check the dtype and fields such as "
+        "rope_theta, rope_scaling, routed_scaling_factor)"
+    )
+    return (
+        f"{surface}: the {what} hold NaN or +inf, so nothing can be decoded from them; likely cause: "
+        + "; or ".join(causes)
+        + " (remove_invalid_values=True replaces them, as in transformers)"
+        * (surface == "diffusion_generate")
+    )
 
 
 def transfer_schedule(masked_count: torch.Tensor, steps: int) -> torch.Tensor:
@@ -79,11 +101,17 @@ def propose_tokens(
     device = generator.device if generator is not None else logits.device
     noise = torch.rand(logits.shape, dtype=torch.float64, generator=generator, device=device).to(logits.device)
     gumbel = -torch.log(noise)
-    proposal = (logits.exp() / gumbel**temperature).argmax(dim=-1)
+    values = logits.exp() / gumbel**temperature
+    proposal = values.argmax(dim=-1)
     chosen = logits.gather(-1, proposal[..., None]).squeeze(-1)
-    stray = torch.isneginf(chosen)  # exp under/overflow (extreme logits or temperature) picked an excluded token
-    if stray.any():  # the same draw in log space: log(exp(l) / g^T) = l - T log g, excluded tokens kept at -inf
-        keys = (logits - temperature * gumbel.log()).masked_fill(torch.isneginf(logits), float("-inf"))
+    picked = values.gather(-1, proposal[..., None]).squeeze(-1)
+    # exp under/overflow (extreme logits or temperature): the pick was an excluded token, or a tie of infinities or
+    # of zeros that argmax breaks by position
+    stray = torch.isneginf(chosen) | ~torch.isfinite(picked) | (picked == 0)
+    if stray.any():  # the same draw in log space: log(exp(l) / g^T) = l - T log g (divided by T when T >= 1, so
+        # neither term overflows), excluded tokens kept at -inf
+        keys = logits / temperature - gumbel.log() if temperature >= 1 else logits - temperature * gumbel.log()
+        keys = keys.masked_fill(torch.isneginf(logits), float("-inf"))
         proposal = torch.where(stray, keys.nan_to_num(nan=float("-inf")).argmax(dim=-1), proposal)
     return proposal
 

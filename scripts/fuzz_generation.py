@@ -1,9 +1,17 @@
 """Random calls (seeded) to `diffusion_generate` and `diffusion_loglikelihood` on tiny CPU models, mixing valid and
 invalid arguments; prints `tried / ok / clear error / bad` per surface.
 
+Besides the settings, calls draw the families of issue 23: wrong-typed hooks (`generator`, `streamer`,
+`generation_config` as a dict / string / plain transformers config, `tokenizer` with `stop_strings`, `token_type_ids`,
+logits processors and stopping criteria returning None, the wrong shape or NaN / +inf), inputs on the meta device,
+extreme numbers (`cfg_scale=1e300`, `temperature=1e-300`, `num_return_sequences=2**40`), transformers' fields
+(`max_time`, `output_attentions`, `token_healing`, ...), a model whose weights hold NaN, and log-likelihood ids of
+2**70.
+
 ok: a valid result (generation: right shape, prompt kept, no mask token, ids in the vocabulary; likelihood: a finite
-score <= 0). clear error: a `ValueError` / `TypeError` of ours, naming the function. bad: anything else (a hang past
-the timeout, another exception or one raised from inside torch, a wrong result).
+score <= 0; never a result from the NaN-weight model unless `remove_invalid_values=True`). clear error: a
+`ValueError` / `TypeError` of ours, naming the function. bad: anything else (a hang past the timeout, another
+exception or one raised from inside torch, a wrong result).
 
     python scripts/fuzz_generation.py [--calls 500] [--seed 0]
 """
@@ -18,8 +26,9 @@ import sys
 import traceback
 
 import torch
+from transformers import GenerationConfig
 
-from modeling_llada_moe.apps.tiny_task import MASK_ID, PAD_ID, tiny_model
+from modeling_llada_moe.apps.tiny_task import MASK_ID, PAD_ID, tiny_model, tiny_tokenizer
 
 
 VOCAB = 128
@@ -69,6 +78,68 @@ INVALID = {
     "eos_token_id": [[PAD_ID, 999], "x"],
     "do_sample": ["False", 1],
     "use_cache": [1, "yes"],
+    "cfg_scale ": [1e300, 3.5e38],  # (the space: a second entry for cfg_scale, past the float32 range)
+    "temperature ": [1e-300, 1e300],  # extreme but valid: sampled correctly in log space
+    "num_return_sequences ": [2**40, 2**70],
+    "max_time": [-1.0, NAN, "1", 0.0, 0.0, 1e-9, 3600.0],
+    "output_attentions": [True],
+    "output_hidden_states": [True],
+    "token_healing": [True],
+    "renormalize_logits": [True, "yes"],
+    "remove_invalid_values": [True, 2],
+    "early_stopping": [True],
+}
+
+
+class Streamer:
+    def put(self, value):
+        pass
+
+    def end(self):
+        pass
+
+
+class NoEnd:
+    def put(self, value):
+        pass
+
+
+def processor_returning(kind):
+    def process(input_ids, scores):
+        if kind == "none":
+            return None
+        if kind == "narrow":
+            return scores[:, :3]
+        if kind in ("nan", "inf"):
+            scores = scores.clone()
+            scores[:, 5] = float(kind)
+            return scores
+        return scores
+
+    return process
+
+
+def criterion_returning(kind):
+    def criterion(input_ids, scores, **kwargs):
+        if kind == "none":
+            return None
+        if kind == "wide":
+            return torch.ones(5, dtype=torch.bool)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    return criterion
+
+
+# Objects passed beside the settings: (value, valid). Invalid ones must give a clear error.
+HOOKS = {
+    "generator": [("seed", False), (3, False), ([1], False)],
+    "streamer": [(Streamer(), True), (3, False), (NoEnd(), False)],
+    "generation_config": [("plain", True), ("plain_beams", False), ({"max_new_tokens": 8}, False), ("fast", False)],
+    "tokenizer": [("tokenizer", True), ("tok", False)],
+    "token_type_ids": [("zeros", True), ("abc", False), ("ones", False), ("wide", False)],
+    "logits_processor": [("same", True), ("none", False), ("narrow", False), ("nan", False), ("inf", False)],
+    "stopping_criteria": [("never", True), ("none", False), ("wide", False)],
+    "input_device": [("meta", False), ("meta_mask", False)],
 }
 PROMPTS = ["ok"] * 24 + ["int32", "padded", "float", "int16", "bool", "negative", "oov", "mask", "1d", "empty", "list",
                        "mask_values"]
@@ -112,6 +183,36 @@ def make_prompt(kind: str, rng: random.Random):
     return x, attention
 
 
+def hook_kwargs(rng: random.Random, x, tokenizer) -> tuple[dict, object]:
+    """One or two objects of `HOOKS` (a third of the calls), as keyword arguments, and the prompt (moved to the meta
+    device by `input_device`)."""
+    kwargs = {}
+    if rng.random() < 2 / 3 or not isinstance(x, torch.Tensor) or x.dim() != 2:
+        return kwargs, x
+    for name in rng.sample(sorted(HOOKS), rng.choice([1, 2])):
+        value, _ = rng.choice(HOOKS[name])
+        if name == "generation_config":
+            plain = {"plain": GenerationConfig(max_new_tokens=8), "plain_beams": GenerationConfig(num_beams=2)}
+            kwargs[name] = plain.get(value, value) if isinstance(value, str) else value
+        elif name == "tokenizer":
+            kwargs.update(tokenizer=tokenizer if value == "tokenizer" else value, stop_strings=["zz"])
+        elif name == "token_type_ids":
+            kwargs[name] = {"zeros": torch.zeros_like(x), "ones": torch.ones_like(x),
+                            "wide": torch.zeros(3, 9, dtype=torch.long)}.get(value, value)
+        elif name == "logits_processor":
+            kwargs[name] = [processor_returning(value)]
+        elif name == "stopping_criteria":
+            kwargs.update(stopping_criteria=[criterion_returning(value)], pad_token_id=PAD_ID)
+        elif name == "input_device":
+            if value == "meta":
+                x = x.to("meta")
+            else:
+                kwargs["attention_mask"] = torch.ones(x.shape, dtype=torch.long, device="meta")
+        else:
+            kwargs[name] = value
+    return kwargs, x
+
+
 def generation_kwargs(rng: random.Random) -> dict:
     kwargs = {name: rng.choice(values) for name, values in VALID.items() if rng.random() < 0.5}
     if kwargs.get("threshold") is not None and kwargs.get("factor") is not None:
@@ -120,23 +221,24 @@ def generation_kwargs(rng: random.Random) -> dict:
         kwargs[rng.choice(["top_k", "top_p"])] = rng.choice([1, 5]) if rng.random() < 0.5 else rng.choice([0.5, 1.0])
     if rng.random() < 0.5:
         for name in rng.sample(sorted(INVALID), rng.choice([1, 2])):
-            kwargs[name] = rng.choice(INVALID[name])
+            kwargs[name.strip()] = rng.choice(INVALID[name])
     return kwargs
 
 
-def fuzz_generate(models, rng, calls, timeout):
+def fuzz_generate(models, rng, calls, timeout, tokenizer):
     counts = {"tried": 0, "ok": 0, "clear error": 0, "bad": 0}
     for _ in range(calls):
         model = rng.choice(models)
         kind = rng.choice(PROMPTS)
         x, attention = make_prompt(kind, rng)
         kwargs = {"max_new_tokens": 8, "block_length": 4, **generation_kwargs(rng)}
+        kwargs = {"attention_mask": attention, "generator": torch.Generator().manual_seed(rng.randrange(2**31)),
+                  **kwargs}
+        hooks, x = hook_kwargs(rng, x, tokenizer)
+        kwargs.update(hooks)
         counts["tried"] += 1
         try:
-            out = run_with_timeout(
-                timeout, model.diffusion_generate, x, attention_mask=attention,
-                generator=torch.Generator().manual_seed(rng.randrange(2**31)), **kwargs,
-            )
+            out = run_with_timeout(timeout, model.diffusion_generate, x, **kwargs)
         except Exception as err:  # noqa: BLE001 - classified below
             if ours(err, "diffusion_generate"):
                 counts["clear error"] += 1
@@ -156,6 +258,8 @@ def fuzz_generate(models, rng, calls, timeout):
             problems.append("mask token left")
         if int(sequences.min()) < 0 or int(sequences.max()) >= VOCAB:
             problems.append("id outside the vocabulary")
+        if getattr(model, "broken", False) and not kwargs.get("remove_invalid_values"):
+            problems.append("decoded from NaN logits without a word")
         if problems:
             counts["bad"] += 1
             print(f"BAD diffusion_generate prompt={kind} {kwargs}: {problems}")
@@ -165,12 +269,12 @@ def fuzz_generate(models, rng, calls, timeout):
 
 
 BAD_IDS = [[1.5], [True], "12", [MASK_ID], [3] * 300, None, [-1], [VOCAB], torch.tensor([[1, 2], [3, 4]]),
-           torch.tensor([1.0, 2.0])]
+           torch.tensor([1.0, 2.0]), [2**70], [-(2**70)], [2**63], torch.tensor([1, 2], device="meta")]
 BAD_LOGLIK = {
     "mc_samples": [0, 3, "4", 2.0],
-    "batch_size": [0, True, 3],
-    "cfg_scale": [INF, NAN, -1.0, "1"],
-    "mask_token_id": [126.5, VOCAB, -1],
+    "batch_size": [0, True, 3, 2**40],
+    "cfg_scale": [INF, NAN, -1.0, "1", 1e300],
+    "mask_token_id": [126.5, VOCAB, -1, 2**70],
     "generator": [3, "seed"],
 }
 
@@ -197,6 +301,8 @@ def loglikelihood_call(rng: random.Random):
             target = rng.choice(BAD_IDS + [[]])
         else:
             kwargs[name] = rng.choice(BAD_LOGLIK[name])
+            if name == "batch_size" and kwargs[name] == 2**40:
+                kwargs["mc_samples"] = 2**40
     return prefix, target, kwargs
 
 
@@ -215,7 +321,10 @@ def fuzz_loglikelihood(models, rng, calls, timeout):
                 counts["bad"] += 1
                 print(f"BAD diffusion_loglikelihood {prefix!r} {target!r} {kwargs}: {err!r}")
             continue
-        if score.shape == () and math.isfinite(score.item()) and score.item() <= 0:
+        if getattr(model, "broken", False):
+            counts["bad"] += 1
+            print(f"BAD diffusion_loglikelihood from NaN weights: score {score!r}")
+        elif score.shape == () and math.isfinite(score.item()) and score.item() <= 0:
             counts["ok"] += 1
         else:
             counts["bad"] += 1
@@ -232,9 +341,14 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(1)
     models = [tiny_model(seed=0), tiny_model(seed=0, tie_word_embeddings=True)]
+    broken = tiny_model(seed=0)  # one output row NaN: every forward's logits hold NaN
+    with torch.no_grad():
+        broken.lm_head.weight[5] = NAN
+    broken.broken = True
+    models.append(broken)  # a third of the calls
     rng = random.Random(args.seed)
     results = {
-        "diffusion_generate": fuzz_generate(models, rng, args.calls, args.timeout),
+        "diffusion_generate": fuzz_generate(models, rng, args.calls, args.timeout, tiny_tokenizer()),
         "diffusion_loglikelihood": fuzz_loglikelihood(models, rng, max(1, args.calls // 3), args.timeout),
     }
     for surface, counts in results.items():

@@ -16,7 +16,7 @@ import time
 import httpx
 import openai
 import pytest
-import torch
+import test_serve
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from test_serve import DEFAULTS, MODEL, TIMEOUT, Gates, direct_answer, in_thread, serving, user, wait_for
@@ -28,28 +28,16 @@ from modeling_llada_moe.apps.inference import encode_prompt
 from modeling_llada_moe.apps.protocol import DecodingFields
 from modeling_llada_moe.apps.serve import ServeOptions, create_app
 from modeling_llada_moe.apps.settings import SettingError, decoding_config
-from modeling_llada_moe.apps.tiny_task import LING_CHAT_TEMPLATE, save_tiny_folder, tiny_model, tiny_tokenizer
+from modeling_llada_moe.apps.tiny_task import save_tiny_folder
 from modeling_llada_moe.validators import is_finite, is_int
 
 
 POSITIONS = 256  # the tiny model's max_position_embeddings; 1 of them is a row tag (16 rows in base 127)
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    model = tiny_model(seed=0)
-    for name, value in DEFAULTS.items():
-        setattr(model.generation_config, name, value)
-    yield model, tiny_tokenizer(LING_CHAT_TEMPLATE)
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def served(tiny):
-    with serving(*tiny, max_batch_size=8, batch_window_ms=10) as running:
-        yield running
+# test_serve's module-scoped fixtures (a tiny model with the served defaults, and its running server), taken as they
+# are: pytest finds them as attributes of this module, and each module gets its own instances.
+tiny, served = test_serve.tiny, test_serve.served
 
 
 def post(running, body, endpoint="/v1/chat/completions", text: str | None = None) -> httpx.Response:

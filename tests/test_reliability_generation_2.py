@@ -19,6 +19,7 @@ import torch
 from conftest import tiny_model, tiny_tokenizer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_reliability_generation import assert_valid
 from time_limit import time_limit
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteriaList
 
@@ -52,13 +53,6 @@ def counting(module):
     calls = []
     handle = module.register_forward_hook(lambda *args: calls.append(1))
     return calls, handle
-
-
-def assert_no_mask(out, prompt, new=8):
-    sequences = out.sequences if hasattr(out, "sequences") else out
-    assert sequences.shape == (prompt.shape[0], prompt.shape[1] + new)
-    assert not (sequences == MASK).any()
-    assert torch.equal(sequences[:, : prompt.shape[1]], prompt)
 
 
 # --- item 3: non-finite values ------------------------------------------------------------------------------------
@@ -152,7 +146,7 @@ def test_remove_invalid_values_decodes_through_non_finite_logits_as_transformers
     out = model().diffusion_generate(
         x, logits_processor=LogitsProcessorList([processor]), remove_invalid_values=True, **GEN
     )
-    assert_no_mask(out, x)
+    assert_valid(out, x)
     if isinstance(processor, PlusInfinity):  # +inf becomes the largest float: token 7 wins everywhere
         assert (out[:, x.shape[1]:] == 7).all()
 
@@ -273,7 +267,7 @@ def test_max_time_zero_fills_the_whole_canvas_in_one_forward(decoding):
         x, max_time=0.0, return_dict_in_generate=True, generator=torch.Generator().manual_seed(0),
         max_new_tokens=12, block_length=4, **decoding,
     )
-    assert_no_mask(out, x, new=12)
+    assert_valid(out, x, max_new_tokens=12)
     assert out.nfe.tolist() == [1, 1]  # three blocks, one forward: the budget was spent before the first
     assert (out.unmask_step == 0).all()
 
@@ -398,7 +392,7 @@ def test_valid_hooks_are_accepted():
         stopping_criteria=StoppingCriteriaList([lambda ids, scores, **kw: torch.zeros(ids.shape[0], dtype=torch.bool)]),
         logits_processor=LogitsProcessorList([lambda ids, scores: scores]), **GEN,
     )
-    assert_no_mask(out, x)
+    assert_valid(out, x)
 
 
 # --- property-based: wrong-typed arguments ----------------------------------------------------------------------

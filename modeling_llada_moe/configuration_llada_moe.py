@@ -11,6 +11,7 @@ warned about by name. Nothing in the file is silently ignored.
 import dataclasses
 import difflib
 import functools
+import json
 import os
 from pathlib import Path
 from typing import Any, ClassVar
@@ -144,6 +145,20 @@ def config_file(pretrained_model_name_or_path: str | os.PathLike, subfolder: str
     if path.is_dir():
         return repr(str(path / subfolder / "config.json"))
     return f"config.json of {str(pretrained_model_name_or_path)!r}"
+
+
+def read_json_object(path: Path, what: str, expected: str = "a JSON object") -> dict:
+    """The JSON object in the local file `path`; a `ValueError` naming it and what is wrong when it is not UTF-8 JSON
+    or not an object (a list, `null`, a string, a number). Shared by the model files and the app layer."""
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{str(path)!r} is a corrupt {what}: not valid JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"{str(path)!r} is a corrupt {what}: expected {expected}, got {type(data).__name__} {str(data)[:60]!r}"
+        )
+    return data
 
 
 @named_errors
@@ -367,16 +382,7 @@ class LLaDAMoEConfig(PreTrainedConfig):
         """The JSON object of `json_file`; anything else (not JSON, not UTF-8, a list, `null`, a string, a number) is a
         `ValueError` naming the file and what is wrong with it (transformers fails later with an `AttributeError` or
         a `TypeError` that names neither)."""
-        try:
-            config_dict = super()._dict_from_json_file(json_file)
-        except (ValueError, UnicodeDecodeError, RecursionError) as err:  # JSONDecodeError is a ValueError
-            raise ValueError(f"{str(json_file)!r} is a corrupt model config: not valid JSON ({err})") from err
-        if not isinstance(config_dict, dict):
-            raise ValueError(
-                f"{str(json_file)!r} is a corrupt model config: expected a JSON object of settings, got "
-                f"{type(config_dict).__name__} {str(config_dict)[:60]!r}"
-            )
-        return config_dict
+        return read_json_object(Path(json_file), "model config", "a JSON object of settings")
 
     @classmethod
     def get_config_dict(cls, pretrained_model_name_or_path, **kwargs) -> tuple[dict[str, Any], dict[str, Any]]:

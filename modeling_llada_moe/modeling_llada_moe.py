@@ -8,7 +8,6 @@ key-padding mask, the router runs in fp32, and `labels` / `output_router_logits`
 
 import importlib.util
 import inspect
-import json
 import os
 import shutil
 from collections.abc import Callable
@@ -53,7 +52,7 @@ from .bnb_layout import (
     wants_4bit,
 )
 from .checkpoint_conversion import register_expert_conversion
-from .configuration_llada_moe import LLaDAMoEConfig
+from .configuration_llada_moe import LLaDAMoEConfig, read_json_object
 from .expert_cache import ExpertWeightCache, cached_expert_weights, check_budget
 from .generation_utils import DiffusionGenerationMixin
 from .moe_backends import grouped_mm_chunked_experts_forward
@@ -652,19 +651,6 @@ MODEL_FILES_AUTO_MAP = {
 }
 # save_pretrained(push_to_hub=True, ...) options that belong to the upload, not to the files.
 HUB_OPTIONS = ("repo_id", "commit_message", "commit_description", "private", "token", "revision", "create_pr", "tags")
-
-
-def read_json_object(path: Path, what: str) -> dict:
-    """The JSON object in the local file `path`; a `ValueError` naming it when it is not UTF-8 JSON or not an object."""
-    try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except (ValueError, UnicodeDecodeError, RecursionError) as err:  # JSONDecodeError is a ValueError
-        raise ValueError(f"{str(path)!r} is a corrupt {what}: not valid JSON ({err})") from err
-    if not isinstance(data, dict):
-        raise ValueError(
-            f"{str(path)!r} is a corrupt {what}: expected a JSON object, got {type(data).__name__} {str(data)[:60]!r}"
-        )
-    return data
 
 
 def check_safetensors_header(path: Path) -> None:

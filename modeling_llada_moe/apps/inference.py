@@ -4,15 +4,15 @@ into text: the shared plumbing of the `llada-moe` command line, the examples, th
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from ..atomic_save import staged_save, weight_files
+from ..configuration_llada_moe import read_json_object
 from ..generation_config import DiffusionGenerationConfig
-from ..modeling_llada_moe import LLaDAMoEForMaskedLM, check_safetensors_header
+from ..modeling_llada_moe import LLaDAMoEForMaskedLM, check_local_checkpoint
 
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -65,48 +65,22 @@ def is_local_folder(name_or_path: str | Path) -> bool:
 
 
 def read_json_file(path: Path, what: str) -> dict:
-    """The JSON object in `path`; `ValueError` naming the file when it is unreadable, not JSON or not an object."""
+    """The JSON object in `path` (the model package's `read_json_object`); an unreadable file is a `ValueError`
+    naming it too."""
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{str(path)!r} is a corrupt {what}: not valid JSON ({err})") from err
+        return read_json_object(path, what)
     except OSError as err:
         raise ValueError(f"{str(path)!r}: could not read the {what} ({err})") from err
-    if not isinstance(data, dict):
-        raise ValueError(f"{str(path)!r} is a corrupt {what}: expected a JSON object, got {type(data).__name__}")
-    return data
-
-
-def check_safetensors_file(path: Path) -> None:
-    """`ValueError` naming `path` when it is not a complete safetensors file (missing, empty, truncated, bad header:
-    the model's own `check_safetensors_header`, with its own words for an empty file)."""
-    if path.is_file() and path.stat().st_size == 0:
-        raise ValueError(f"{str(path)!r} is a corrupt weights file: it is empty (0 bytes); re-download or re-save it")
-    check_safetensors_header(path)
 
 
 def check_model_folder(folder: str | Path) -> None:
-    """Check the files a load of the local model folder `folder` reads, before loading it: `config.json`, a
-    `generation_config.json` when there is one (never silently replaced by defaults), the safetensors weights (the
-    index and the shards it names, or `model.safetensors`). A damaged file is a `ValueError` naming it."""
+    """Check the files a load of the local model folder `folder` reads, before loading it (and the tokenizer):
+    `config.json`, then what the model's `from_pretrained` checks itself (`check_local_checkpoint`): a
+    `generation_config.json` when there is one (never silently replaced by defaults) and the safetensors weights
+    (the single file, or the index and the shards it names). A damaged file is a `ValueError` naming it."""
     folder = Path(str(folder)).expanduser()
     read_json_file(folder / "config.json", "model config")
-    generation_file = folder / "generation_config.json"
-    if generation_file.exists():
-        read_json_file(generation_file, "generation config")
-        try:
-            DiffusionGenerationConfig.from_pretrained(folder)
-        except (OSError, ValueError, TypeError) as err:
-            raise ValueError(f"{str(generation_file)!r} is not a valid generation config: {err}") from err
-    index_file = folder / "model.safetensors.index.json"
-    if index_file.exists():
-        weight_map = read_json_file(index_file, "weights index").get("weight_map")
-        if not isinstance(weight_map, dict) or not all(isinstance(name, str) for name in weight_map.values()):
-            raise ValueError(f"{str(index_file)!r} is a corrupt weights index: no `weight_map` of tensor -> file name")
-        for name in sorted(set(weight_map.values())):
-            check_safetensors_file(folder / name)
-    elif (folder / "model.safetensors").exists():
-        check_safetensors_file(folder / "model.safetensors")
+    check_local_checkpoint(folder, None, None, DiffusionGenerationConfig)
 
 
 def check_loading_info(source: str | Path, info: dict) -> None:

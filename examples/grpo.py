@@ -33,7 +33,6 @@ from modeling_llada_moe.apps.tiny_task import PAD_ID, SEPARATOR, tiny_model, tin
 from trl_ext import DiffusionGRPOConfig, DiffusionGRPOTrainer
 from trl_ext.scripts import (
     check_script_flags,
-    finish,
     fresh_reference,
     load_script_inputs,
     load_script_model,
@@ -216,7 +215,6 @@ def main() -> None:
         print(f"held-out exact match after GRPO: {held_out_exact_match(trainer.model, tokenizer, held_out):.2f}")
     if Path(training_args.output_dir).is_dir() and trainer.accelerator.is_main_process:
         print(f"saved to {training_args.output_dir}")
-    finish(trainer)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,6 @@ from modeling_llada_moe.apps.tiny_task import reversal_examples, tiny_model, tin
 from trl_ext import DiffusionSFTConfig, DiffusionSFTTrainer
 from trl_ext.scripts import (
     check_script_flags,
-    finish,
     load_script_inputs,
     script_peft_config,
     set_attn_implementation,
@@ -80,7 +79,6 @@ def main() -> None:
     train_and_save(trainer, script_args, training_args, evaluate=evaluation is not None)
     if held_out is not None and trainer.accelerator.is_main_process:
         print(f"exact match after training: {exact_match(trainer.model, tokenizer, held_out):.2f}")
-    finish(trainer)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ from modeling_llada_moe.apps.tiny_task import tiny_model, tiny_tokenizer
 from trl_ext import DiffusionSFTConfig, DiffusionSFTTrainer, VRPOConfig, VRPOTrainer
 from trl_ext.scripts import (
     check_script_flags,
-    finish,
     fresh_reference,
     load_script_inputs,
     load_script_model,
@@ -121,7 +120,6 @@ def main() -> None:
     train_and_save(trainer, script_args, training_args, evaluate=evaluation is not None)
     if held_out is not None and trainer.accelerator.is_main_process:
         print(f"answers the preferred digit after VRPO: {first_digit_rate(trainer.model, held_out):.2f}")
-    finish(trainer)
 
 
 if __name__ == "__main__":

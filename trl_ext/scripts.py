@@ -171,11 +171,3 @@ def train_and_save(trainer, script_args: ScriptArguments, training_args, evaluat
             print(f"eval loss: {metrics['eval_loss']:.4f}")
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
-
-
-def finish(trainer) -> None:
-    """The end of a training script: every process waits for the main one (which may still be evaluating), then
-    the process group is destroyed, so no rank exits while another still talks to it (a rank leaving early aborted
-    in gloo's teardown)."""
-    trainer.accelerator.wait_for_everyone()
-    trainer.accelerator.end_training()

@@ -55,11 +55,13 @@ from .checkpoint_conversion import register_expert_conversion
 from .configuration_llada_moe import LLaDAMoEConfig, read_json_object
 from .expert_cache import ExpertWeightCache, cached_expert_weights, check_budget
 from .generation_utils import DiffusionGenerationMixin
+from .int4_cpu import Int4Linear, register_int4_method
 from .moe_backends import grouped_mm_chunked_experts_forward
 
 
 logger = logging.get_logger(__name__)
 register_expert_conversion(LLaDAMoEConfig.model_type)
+register_int4_method()
 
 
 def at_least_fp32(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -292,6 +294,8 @@ def dequantize_rows(linear: nn.Module, start: int, end: int, dtype: torch.dtype)
             "(trl_ext.peft_experts.experts_lora_config: per-expert adapters), or the attention projections "
             "(quantization.qlora_target_modules)."
         )
+    if isinstance(linear, Int4Linear):  # the CPU int4 method: whole experts, unpacked and scaled
+        return linear.dequantize_rows(start, end, dtype)
     weight = linear.weight
     if getattr(weight, "quant_state", None) is not None:  # bitsandbytes 4-bit (NF4 / FP4), any layout
         return dequantize_4bit_rows(weight, start, end, dtype)

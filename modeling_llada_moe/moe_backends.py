@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from transformers.integrations.moe import grouped_mm_experts_forward
 
+from .int4_cpu import Int4Linear, int4_experts_forward
+
 
 def grouped_mm_chunked_experts_forward(
     self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
@@ -16,6 +18,8 @@ def grouped_mm_chunked_experts_forward(
     `grouped_mm` over the views."""
     if not self.is_quantized:
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+    if isinstance(self.gate_up, Int4Linear) and isinstance(self.down, Int4Linear) and self.weight_delta is None:
+        return int4_experts_forward(self, hidden_states, top_k_index, top_k_weights)  # the CPU int4 kernel
     output = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
     # Under expert parallelism a route to another rank's expert arrives as id `num_experts`: never computed here.
     for index in torch.unique(top_k_index).tolist():

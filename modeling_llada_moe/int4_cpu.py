@@ -257,9 +257,18 @@ class Int4Quantize(ConversionOps):
     def convert(self, input_dict, full_layer_name=None, model=None, **kwargs) -> dict[str, torch.Tensor]:
         _, value = next(iter(input_dict.items()))
         value = value[0] if isinstance(value, list) else value
-        module = model.get_submodule(full_layer_name.rsplit(".", 1)[0])
-        nibbles, pairs = quantize_int4(value, module.group_size, module.block_rows)
         prefix = full_layer_name.rsplit(".", 1)[0]
+        module = model.get_submodule(prefix)
+        rows, columns = value.shape
+        # Block by block (an expert at a time): the float temporaries stay a few MiB, not a whole container's.
+        nibbles = torch.empty(rows, columns // 2, dtype=torch.uint8, device=value.device)
+        pairs = torch.empty(
+            rows // module.block_rows, columns // module.group_size, module.block_rows, 2, dtype=torch.bfloat16,
+            device=value.device,
+        )
+        for block in range(rows // module.block_rows):
+            part = slice(block * module.block_rows, (block + 1) * module.block_rows)
+            nibbles[part], pairs[block : block + 1] = quantize_int4(value[part], module.group_size, module.block_rows)
         return {full_layer_name: nibbles, f"{prefix}.scales_and_zeros": pairs}
 
 

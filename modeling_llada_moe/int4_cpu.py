@@ -159,6 +159,12 @@ class Int4Linear(nn.Module):
 
     def matmul_block(self, x: torch.Tensor, block: int) -> torch.Tensor:
         """x [M, K] @ block `block`'s rows, transposed: [M, block_rows], in x's dtype."""
+        if x.device.type != "cpu" or self.weight.device.type != "cpu":
+            raise ValueError(
+                f"an int4 (quant_method={QUANT_METHOD!r}) layer got a tensor on {x.device} with weights on "
+                f"{self.weight.device}: the method runs on the CPU only; keep the model and inputs on the CPU, or "
+                "load with bitsandbytes (NF4) for a GPU"
+            )
         if not self.packed:
             self.pack_()
         rows = slice(block * self.block_rows, (block + 1) * self.block_rows)

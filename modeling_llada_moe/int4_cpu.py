@@ -20,18 +20,30 @@ contiguous rows of its block and runs as one kernel call (`int4_experts_forward`
 from __future__ import annotations
 
 import functools
+import sys
+from types import ModuleType
 
 import torch
 from torch import nn
 from transformers.core_model_loading import ConversionOps
 from transformers.quantizers import HfQuantizer
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+from transformers.utils import logging
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+
+logger = logging.get_logger(__name__)
 
 QUANT_METHOD = "llada_int4"
 GROUP_SIZES = (32, 64, 128, 256)
 DEFAULT_SKIP_MODULES = ("lm_head", "embed_tokens")  # as bitsandbytes' presets: the head and embeddings stay dense
+ROW_MULTIPLE = 16  # torch's CPU packing (`_convert_weight_to_int4pack_for_cpu`) takes row counts divisible by 16
+
+
+def int4_fits(in_features: int, block_rows: int, group_size: int) -> bool:
+    """Whether a weight of `in_features` columns, packed in blocks of `block_rows` rows, can run on the kernel: whole
+    groups in every row, and blocks of a row count torch's packing takes."""
+    return in_features % group_size == 0 and in_features % 2 == 0 and block_rows % ROW_MULTIPLE == 0
 
 
 def int4_supported() -> bool:
@@ -216,21 +228,28 @@ def int4_experts_forward(
 
 
 def replace_with_int4_linear(model: nn.Module, group_size: int, skip: list[str]) -> int:
-    """Swap (on the meta model) the expert containers and every other `nn.Linear` whose input features split into
-    groups for `Int4Linear`; `skip` names modules kept dense. Returns how many were replaced."""
+    """Swap (on the meta model) the expert containers and every other bias-free `nn.Linear` that fits the kernel
+    (`int4_fits`) for `Int4Linear`; `skip` names modules kept dense, and so is a Linear that does not fit (with a
+    warning naming it). Returns how many were replaced."""
     replaced = 0
     for name, module in list(model.named_modules()):
         if type(module) is not nn.Linear or module.bias is not None:
             continue
         if any(part in name.split(".") or name.endswith(part) for part in skip):
             continue
-        if module.in_features % group_size or module.in_features % 2:
-            continue
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         block_rows = module.out_features
         if hasattr(parent, "num_experts") and child in ("gate_up", "down"):
             block_rows = module.out_features // parent.num_experts
+        if not int4_fits(module.in_features, block_rows, group_size):
+            reason = (
+                f"in_features={module.in_features} is not a whole number of groups of {group_size}"
+                if module.in_features % group_size or module.in_features % 2
+                else f"its blocks of {block_rows} rows are not a multiple of {ROW_MULTIPLE} (torch's int4 packing)"
+            )
+            logger.warning_once(f"{name}: {reason}; it stays unquantized")
+            continue
         with torch.device("meta"):
             setattr(parent, child, Int4Linear(module.in_features, module.out_features, group_size, block_rows))
         replaced += 1
@@ -278,6 +297,17 @@ class Int4Quantize(ConversionOps):
         return {full_layer_name: nibbles, f"{prefix}.scales_and_zeros": pairs}
 
 
+def own_int4_module(model: nn.Module) -> ModuleType:
+    """The int4 module of `model`'s own code: this package's, or the copy beside a folder loaded with
+    trust_remote_code. transformers keeps one quantizer per quant_method for the whole process (whichever copy
+    registered first), and a model's experts recognise only their own copy's `Int4Linear`."""
+    for cls in type(model).__mro__:
+        own = getattr(sys.modules.get(cls.__module__), "Int4Linear", None)
+        if isinstance(own, type) and issubclass(own, nn.Module):
+            return sys.modules[own.__module__]
+    return sys.modules[__name__]
+
+
 class LLaDAInt4Quantizer(HfQuantizer):
     """transformers' side of the method: swaps the modules before loading, quantizes float weights as they load,
     packs them for the kernel after loading, and saves the plain layout."""
@@ -305,15 +335,16 @@ class LLaDAInt4Quantizer(HfQuantizer):
             module = model.get_submodule(param_name.rsplit(".", 1)[0])
         except AttributeError:
             return False
-        return isinstance(module, Int4Linear)
+        return isinstance(module, own_int4_module(model).Int4Linear)
 
     def _process_model_before_weight_loading(self, model, **kwargs):
         skip = [*DEFAULT_SKIP_MODULES, *self.quantization_config.modules_to_not_convert]
-        replace_with_int4_linear(model, self.quantization_config.group_size, skip)
+        own_int4_module(model).replace_with_int4_linear(model, self.quantization_config.group_size, skip)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        linear_class = own_int4_module(model).Int4Linear
         for module in model.modules():
-            if isinstance(module, Int4Linear):
+            if isinstance(module, linear_class):
                 module.pack_()
         return model
 

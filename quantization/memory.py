@@ -10,6 +10,9 @@ from torch import nn
 
 from modeling_llada_moe import LLaDAMoEConfig
 from modeling_llada_moe.bnb_layout import BNB_4BIT_BLOCKSIZE
+from modeling_llada_moe.int4_cpu import int4_fits
+
+from .presets import DEFAULT_GROUP_SIZE, check_method_options, quantization_method
 
 
 COMPONENTS = (
@@ -74,7 +77,8 @@ def quantization_state_tensors(weight: torch.Tensor) -> list[torch.Tensor]:
 
 def memory_report(model: nn.Module) -> MemoryReport:
     """Bytes held by `model`, by component: every parameter and buffer once (tied weights once), plus the
-    bitsandbytes quantization state that lives beside quantized weights."""
+    bitsandbytes quantization state that lives beside quantized weights. An int4 weight (`Int4Linear`, uint8 codes)
+    counts under its component and its `scales_and_zeros` under "quantization_state", as bitsandbytes' absmax."""
     report = MemoryReport()
     seen: set[int] = set()
 
@@ -85,7 +89,7 @@ def memory_report(model: nn.Module) -> MemoryReport:
         report.components[component] += tensor.numel() * tensor.element_size()
 
     for name, param in model.named_parameters():
-        add(_component(name), param)
+        add("quantization_state" if name.endswith(".scales_and_zeros") else _component(name), param)
         for state in quantization_state_tensors(param):
             add("quantization_state", state)
     for name, buffer in model.named_buffers():
@@ -107,33 +111,60 @@ def _quantized_linear_bytes(out_features: int, in_features: int, bits: int | Non
     return math.ceil(numel / 2), blocks * 4 + code
 
 
+def _int4_linear_bytes(out_features: int, in_features: int, group_size: int) -> tuple[int, int]:
+    """(weight bytes, quantization-state bytes) of one Linear weight [out, in] in the CPU int4 method: 4-bit codes,
+    and a bf16 scale and zero per group of `group_size` inputs of every row."""
+    return out_features * in_features // 2, out_features * (in_features // group_size) * 2 * 2
+
+
 def estimate_memory(
     config: LLaDAMoEConfig,
     bits: int | None = 4,
     dtype: torch.dtype = torch.bfloat16,
-    double_quant: bool = True,
+    double_quant: bool | None = None,
+    method: str | None = None,
+    group_size: int | None = None,
 ) -> MemoryReport:
-    """Bytes of a LLaDA-MoE loaded with `quantization.load_quantized(bits=...)` (or unquantized, `bits=None`) in
-    `dtype`, computed from the config alone: it matches `memory_report` of such a model exactly.
+    """Bytes of a LLaDA-MoE loaded with `quantization.load_quantized(bits=..., method=...)` (or unquantized,
+    `bits=None`) in `dtype`, computed from the config alone: it matches `memory_report` of such a model exactly.
 
-    Quantized: attention projections, experts, dense and shared MLPs (4-bit: those whose input width is a whole
-    number of 64-value blocks; experts always). Kept in `dtype`: embeddings, `lm_head`, norms, biases. fp32: router
-    and expert bias (and everything else when `dtype` is fp32), RoPE buffers.
+    Quantized: attention projections, experts, dense and shared MLPs. NF4 (`double_quant` default True): those whose
+    input width is a whole number of 64-value blocks, experts always. int4 (`group_size` default 64): bias-free ones
+    whose input width is a whole number of groups and whose rows (per expert) are a multiple of 16; 4 bits per weight
+    plus a bf16 scale and zero per group. Kept in `dtype`: embeddings, `lm_head`, norms, biases. fp32: router and
+    expert bias (and everything else when `dtype` is fp32), RoPE buffers.
     """
-    if bits not in (None, 4, 8):
+    if isinstance(bits, bool) or bits not in (None, 4, 8):
         raise ValueError(f"bits={bits!r}: expected None (unquantized), 4 or 8")
+    if bits is None:
+        if method is not None or group_size is not None or double_quant:
+            raise ValueError(
+                f"method={method!r}, group_size={group_size!r}, double_quant={double_quant!r}: with bits=None "
+                "(unquantized) leave them unset"
+            )
+    else:
+        method = quantization_method(bits, method)
+        check_method_options(method, double_quant, group_size)
+    group_size = DEFAULT_GROUP_SIZE if group_size is None else group_size
     width = torch.finfo(dtype).bits // 8
     report = MemoryReport()
     parts = report.components
 
     def linear(component: str, out_features: int, in_features: int, quantize: bool = True, bias: bool = False):
-        if bits == 4 and component != "experts" and in_features % BNB_4BIT_BLOCKSIZE:
-            quantize = False  # rows that are not whole 4-bit blocks stay unquantized (bnb_layout)
-        weight, state = _quantized_linear_bytes(out_features, in_features, bits if quantize else None, width, dq)
+        if method == "int4":
+            rows = out_features // config.num_experts if component == "experts" else out_features
+            if quantize and not bias and int4_fits(in_features, rows, group_size):
+                weight, state = _int4_linear_bytes(out_features, in_features, group_size)
+            else:  # stays a plain Linear (int4_cpu.replace_with_int4_linear)
+                weight, state = out_features * in_features * width, 0
+        else:
+            if bits == 4 and component != "experts" and in_features % BNB_4BIT_BLOCKSIZE:
+                quantize = False  # rows that are not whole 4-bit blocks stay unquantized (bnb_layout)
+            weight, state = _quantized_linear_bytes(out_features, in_features, bits if quantize else None, width, dq)
         parts[component] += weight + (out_features * width if bias else 0)
         parts["quantization_state"] += state
 
-    dq = double_quant and bits == 4
+    dq = (double_quant is None or double_quant) and method == "nf4"
     hidden, head_dim = config.hidden_size, config.head_dim
     q_width, kv_width = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
     parts["embeddings"] += config.vocab_size * hidden * width

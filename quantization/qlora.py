@@ -1,10 +1,11 @@
-"""QLoRA on a 4/8-bit LLaDA-MoE: k-bit preparation and LoRA targets the experts path honours."""
+"""QLoRA on a bitsandbytes 4/8-bit LLaDA-MoE: k-bit preparation and LoRA targets the experts path honours."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable
 
+import torch
 from torch import nn
 
 
@@ -53,8 +54,20 @@ def prepare_for_qlora(
     """k-bit preparation (fp32 norms/embeddings, input grads, non-reentrant checkpointing) and a LoRA `PeftModel`.
 
     `lora_config` (a `peft.LoraConfig`) overrides the defaults built from `r`, `lora_alpha`, `lora_dropout` and
-    `qlora_target_modules(model)`; its targets are checked against the expert containers.
+    `qlora_target_modules(model)`; its targets are checked against the expert containers. A CPU int4 model
+    (`method="int4"`) is refused: torch's int4 kernel computes no gradients.
     """
+    int4 = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(getattr(module, "scales_and_zeros", None), torch.Tensor)
+    ]
+    if int4:
+        raise ValueError(
+            f"prepare_for_qlora: the model holds CPU int4 weights (quant_method 'llada_int4': {int4[0]}, ...), which "
+            "cannot be trained (torch's int4 kernel has no backward, and PEFT does not wrap Int4Linear); for QLoRA "
+            "load the base with load_quantized(..., bits=4, method='nf4') (bitsandbytes)"
+        )
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if lora_config is None:

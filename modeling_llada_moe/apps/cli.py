@@ -4,6 +4,7 @@
     llada-moe chat --bits 4
     llada-moe serve inclusionAI/LLaDA-MoE-7B-A1B-Instruct --port 8000 --max-batch-size 16
     llada-moe convert path/to/official-checkpoint out/llada-moe-nf4 --bits 4 --push-to-hub you/LLaDA-MoE-nf4
+    llada-moe convert path/to/official-checkpoint out/llada-moe-int4 --bits 4 --quant-method int4
     llada-moe bench generation -- --repeats 3
 
 Exit codes: 0 success, 2 bad input (flags, paths, generation settings; printed as `error: ...`), 1 a failure while
@@ -37,6 +38,7 @@ from .hub import hub_token, login_help, push_folder
 from .inference import (
     DTYPES,
     END_OF_TURN,
+    QUANT_METHODS,
     check_chat_template,
     check_messages,
     check_model_folder,
@@ -289,8 +291,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, positional: bool = Fals
         )
     group.add_argument("--tokenizer", help="tokenizer folder or repo id (default: the model's)")
     group.add_argument(
-        "--bits", type=int, choices=(4, 8), help="load quantized with bitsandbytes: 4 (NF4) or 8 (LLM.int8)"
+        "--bits", type=int, choices=(4, 8), help="load quantized: 4 (NF4, or int4 with --quant-method) or 8 (LLM.int8)"
     )
+    add_quant_method_argument(group)
     group.add_argument(
         "--dtype",
         default="auto",
@@ -301,10 +304,37 @@ def add_model_arguments(parser: argparse.ArgumentParser, positional: bool = Fals
     group.add_argument("--trust-remote-code", action="store_true", help="allow the tokenizer's own code, if it has any")
 
 
+def add_quant_method_argument(group) -> None:
+    group.add_argument(
+        "--quant-method",
+        choices=tuple(QUANT_METHODS),
+        help="with --bits 4, the kernels: " + "; ".join(f"{name} = {what}" for name, what in QUANT_METHODS.items()),
+    )
+
+
+def check_quantization_flags(args: argparse.Namespace) -> None:
+    """--quant-method picks the 4-bit kernels: it needs --bits 4, and int4 runs on the CPU only."""
+    method = getattr(args, "quant_method", None)
+    if method is None:
+        return
+    if args.bits != 4:
+        bits = "no --bits (no quantization)" if args.bits is None else f"--bits {args.bits}"
+        raise ValueError(
+            f"--quant-method {method} applies with --bits 4 only, not with {bits}; accepted: --bits 4 --quant-method "
+            f"{{{','.join(QUANT_METHODS)}}}, or --bits 8 (LLM.int8) without --quant-method"
+        )
+    device = getattr(args, "device", None)
+    if method == "int4" and device is not None and device != "cpu":
+        raise ValueError(
+            f"--device {device}: --quant-method int4 runs on the CPU only; use --device cpu or leave --device out"
+        )
+
+
 def load(args: argparse.Namespace) -> tuple[LLaDAMoEForMaskedLM, PreTrainedTokenizerBase]:
     return load_model_and_tokenizer(
         args.model,
         bits=args.bits,
+        quant_method=args.quant_method,
         dtype=args.dtype,
         device=args.device,
         tokenizer_name_or_path=args.tokenizer,
@@ -691,8 +721,11 @@ def run_convert(args: argparse.Namespace) -> int:
 
     input_ids, expected = verify_input(config.vocab_size), None
     # Missing or unexpected weights (a config.json edited to add or remove a layer) are an error, not a warning.
-    model = load_checked_model(args.source, bits=args.bits, dtype=args.dtype, device_map="cpu", **overrides)
-    if args.bits is None and not args.no_verify:
+    model = load_checked_model(
+        args.source, bits=args.bits, dtype=args.dtype, device_map="cpu", quant_method=args.quant_method, **overrides
+    )
+    # Unquantized and int4 folders reload bit-exactly: their logits are compared with the source model's.
+    if (args.bits is None or args.quant_method == "int4") and not args.no_verify:
         with torch.no_grad():
             expected = model(input_ids).logits
     if args.mask_token_id is not None or model.generation_config.mask_token_id is None:
@@ -885,17 +918,21 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert a LLaDA-MoE checkpoint (the official layout, or a folder of this package) into a folder\n"
         "that loads with AutoModel.from_pretrained(folder, trust_remote_code=True) without this package:\n"
         "weights, config with auto_map, the model code, a model card and the tokenizer. With --bits the\n"
-        "weights are quantized with bitsandbytes first. The folder is then reloaded with trust_remote_code\n"
-        "and checked (--no-verify skips that); --push-to-hub uploads it.",
+        "weights are quantized first (bitsandbytes, or torch's CPU int4 with --quant-method int4). The folder\n"
+        "is then reloaded with trust_remote_code and checked (--no-verify skips that); --push-to-hub uploads it.",
         epilog=(
             "examples:\n"
             "  llada-moe convert inclusionAI/LLaDA-MoE-7B-A1B-Instruct out/llada-moe-instruct\n"
-            "  llada-moe convert ./official out/nf4 --bits 4 --push-to-hub you/LLaDA-MoE-7B-A1B-Instruct-nf4"
+            "  llada-moe convert ./official out/nf4 --bits 4 --push-to-hub you/LLaDA-MoE-7B-A1B-Instruct-nf4\n"
+            "  llada-moe convert ./official out/int4 --bits 4 --quant-method int4"
         ),
     )
     convert.add_argument("source", help="official checkpoint folder or Hub repo id")
     convert.add_argument("destination", help="new folder to write")
-    convert.add_argument("--bits", type=int, choices=(4, 8), help="quantize with bitsandbytes: 4 (NF4) or 8")
+    convert.add_argument(
+        "--bits", type=int, choices=(4, 8), help="quantize: 4 (NF4, or int4 with --quant-method) or 8 (LLM.int8)"
+    )
+    add_quant_method_argument(convert)
     convert.add_argument(
         "--dtype", default="auto", choices=sorted(DTYPES), help="weights dtype (compute dtype with --bits)"
     )
@@ -941,6 +978,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
+        check_quantization_flags(args)
         return args.run(args)
     except (ValueError, TypeError, FileNotFoundError) as err:  # bad input: flags, paths, configs, generation settings
         print(f"error: {err}", file=sys.stderr)

@@ -91,12 +91,13 @@ class LLaDAMoELM(TemplateLM):
 
     Args (lm-eval passes them from `--model_args key=value,...`; Python callers may pass objects):
         pretrained: a model folder or Hub id, loaded with `inference.load_model_and_tokenizer`; or an already
-            built model (then `tokenizer` is required, and `device` / `dtype` / `bits` are not used).
+            built model (then `tokenizer` is required, and `device` / `dtype` / `bits` / `quant_method` are refused).
         tokenizer: a tokenizer object, or a folder / Hub id; default: the model's.
         batch_size: prompts per `diffusion_generate` call in `generate_until` (an integer; "auto" is refused).
         device: "cpu", "cuda" or "cuda:N"; default CUDA when available. A CUDA device without CUDA falls back to
             the CPU with a warning, as lm-eval's `hf` model does (the lm-eval CLI defaults to "cuda:0").
-        dtype: "auto" (the checkpoint's), "bfloat16", "float16" or "float32". bits: 4 (NF4) or 8 via bitsandbytes.
+        dtype: "auto" (the checkpoint's), "bfloat16", "float16" or "float32". bits: 4 (NF4) or 8 via bitsandbytes;
+            quant_method: with bits=4, "nf4" (default) or "int4" (torch's CPU int4 kernel, CPU only).
         trust_remote_code: for the tokenizer. max_length: longest scored / generated sequence; default the model's
             `max_position_embeddings`.
         mc_num: masked copies per likelihood (default 128, as LLaDA; 1 is enough for one-token continuations,
@@ -135,6 +136,7 @@ class LLaDAMoELM(TemplateLM):
         device: str | None = None,
         dtype: str = "auto",
         bits: int | None = None,
+        quant_method: str | None = None,
         trust_remote_code: bool = False,
         max_length: int | None = None,
         mc_num: int = 128,
@@ -182,7 +184,9 @@ class LLaDAMoELM(TemplateLM):
         self.fixed_canvas = count(canvas, "max_new_tokens") if canvas is not None else None
         self._max_length = count(max_length, "max_length") if max_length is not None else None
 
-        self._model, self.tokenizer = self._load(pretrained, tokenizer, device, dtype, bits, trust_remote_code)
+        self._model, self.tokenizer = self._load(
+            pretrained, tokenizer, device, dtype, bits, quant_method, trust_remote_code
+        )
         self._device = self._model.device
         if self.max_length < 2:
             raise ValueError(f"max_length={self.max_length}: expected at least 2 tokens")
@@ -202,7 +206,7 @@ class LLaDAMoELM(TemplateLM):
         self._warned: set[str] = set()
 
     # ------------------------------------------------------------------------------------------------ set-up
-    def _load(self, pretrained, tokenizer, device, dtype, bits, trust_remote_code):
+    def _load(self, pretrained, tokenizer, device, dtype, bits, quant_method, trust_remote_code):
         if pretrained is None:
             raise ValueError("llada_moe: pretrained= is required (a model folder, a Hub id, or a built model)")
         if isinstance(pretrained, (str, Path)):
@@ -210,6 +214,7 @@ class LLaDAMoELM(TemplateLM):
             model, loaded_tokenizer = load_model_and_tokenizer(
                 pretrained,
                 bits=bits,
+                quant_method=quant_method,
                 dtype=dtype,
                 device=self._pick_device(device),
                 tokenizer_name_or_path=tokenizer_path,
@@ -217,8 +222,11 @@ class LLaDAMoELM(TemplateLM):
             )
             tokenizer = tokenizer if isinstance(tokenizer, PreTrainedTokenizerBase) else loaded_tokenizer
         elif isinstance(pretrained, torch.nn.Module):
-            if bits is not None:
-                raise ValueError(f"bits={bits} applies when pretrained is a path; quantize a built model yourself")
+            for name, value in (("bits", bits), ("quant_method", quant_method)):
+                if value is not None:
+                    raise ValueError(
+                        f"{name}={value!r} applies when pretrained is a path; quantize a built model yourself"
+                    )
             if tokenizer is None:
                 raise ValueError("llada_moe: a built model needs tokenizer= (a tokenizer object or its folder)")
             if isinstance(tokenizer, (str, Path)):
@@ -234,8 +242,10 @@ class LLaDAMoELM(TemplateLM):
         return model, tokenizer
 
     @staticmethod
-    def _pick_device(device: str | None) -> torch.device:
-        if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
+    def _pick_device(device: str | None) -> torch.device | None:
+        if device is None:
+            return None  # load_model_and_tokenizer's default: CUDA when available (the CPU for quant_method=int4)
+        if str(device).startswith("cuda") and not torch.cuda.is_available():
             logger.warning("device=%r but CUDA is not available: using the CPU", device)
             return torch.device("cpu")
         return pick_device(device)

@@ -16,6 +16,8 @@ from ..modeling_llada_moe import LLaDAMoEForMaskedLM, check_local_checkpoint
 
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The 4-bit kernels `bits=4` can load with: bitsandbytes NF4 (the default) or torch's CPU int4 kernel.
+QUANT_METHODS = {"nf4": "bitsandbytes NF4, CPU or GPU", "int4": "torch's CPU int4 kernel, CPU only"}
 END_OF_TURN = "<|role_end|>"  # the Ling chat template's end of a turn
 # The JSON files a tokenizer folder may hold (checked one by one so a corrupt one is named), and the files that say a
 # folder has a tokenizer at all.
@@ -101,22 +103,41 @@ def check_loading_info(source: str | Path, info: dict) -> None:
         )
 
 
+def check_quantization(bits: int | None, quant_method: str | None) -> None:
+    """`bits` None, 4 or 8, and `quant_method` (the 4-bit kernels: "nf4" bitsandbytes, "int4" torch's CPU kernel)
+    only with `bits=4`."""
+    if bits not in (None, 4, 8) or isinstance(bits, bool):
+        raise ValueError(f"bits={bits!r}: expected 4 (NF4 or int4), 8 (LLM.int8) or None (no quantization)")
+    if quant_method is not None and (not isinstance(quant_method, str) or quant_method not in QUANT_METHODS):
+        raise ValueError(
+            f"quant_method={quant_method!r}: expected one of {list(QUANT_METHODS)} (with bits=4), or None (NF4)"
+        )
+    if quant_method is not None and bits != 4:
+        raise ValueError(
+            f"quant_method={quant_method!r} picks the 4-bit kernels and applies with bits=4 only, not bits={bits}; "
+            f"accepted: bits=4 with quant_method in {list(QUANT_METHODS)}, or bits=8 (LLM.int8) without one"
+        )
+
+
 def load_checked_model(
     name_or_path: str | Path,
     bits: int | None = None,
     dtype: str | torch.dtype = "auto",
     device_map: str | dict | None = None,
+    quant_method: str | None = None,
     **overrides,
 ) -> LLaDAMoEForMaskedLM:
-    """`LLaDAMoEForMaskedLM.from_pretrained` (or `quantization.load_quantized` with `bits`) in eval mode, refusing a
-    checkpoint whose weights do not match its config (`check_loading_info`) instead of warning."""
+    """`LLaDAMoEForMaskedLM.from_pretrained` (or `quantization.load_quantized` with `bits`, and `quant_method` "nf4" /
+    "int4" with 4 bits) in eval mode, refusing a checkpoint whose weights do not match its config
+    (`check_loading_info`) instead of warning."""
+    check_quantization(bits, quant_method)
     if bits is not None:
         from quantization import load_quantized
 
         compute = None if dtype == "auto" else DTYPES.get(dtype, dtype)
         model, info = load_quantized(
-            name_or_path, bits=bits, compute_dtype=compute, device_map=device_map or "cpu", output_loading_info=True,
-            **overrides,
+            name_or_path, bits=bits, method=quant_method, compute_dtype=compute, device_map=device_map or "cpu",
+            output_loading_info=True, **overrides,
         )
     else:
         model, info = LLaDAMoEForMaskedLM.from_pretrained(
@@ -206,24 +227,30 @@ def load_model_and_tokenizer(
     device: str | torch.device | None = None,
     tokenizer_name_or_path: str | Path | None = None,
     trust_remote_code: bool = False,
+    quant_method: str | None = None,
 ) -> tuple[LLaDAMoEForMaskedLM, PreTrainedTokenizerBase]:
     """A LLaDA-MoE checkpoint (official layout, this package's folder, or a Hub id) in eval mode, and its tokenizer.
 
-    `bits` 4 or 8 loads through `quantization.load_quantized` (bitsandbytes); otherwise the weights are loaded in
-    `dtype` (`"auto"` = the checkpoint's) and moved to `device` (default: CUDA when available).
+    `bits` 4 or 8 loads through `quantization.load_quantized`: bitsandbytes NF4 / LLM.int8, or with `bits=4,
+    quant_method="int4"` torch's CPU int4 kernel (CPU only: `device` defaults to the CPU then). Otherwise the weights
+    are loaded in `dtype` (`"auto"` = the checkpoint's) and moved to `device` (default: CUDA when available).
 
     A damaged local folder (corrupt `config.json` / `generation_config.json` / tokenizer file, an empty or truncated
     `.safetensors`) is a `ValueError` naming the file, and so are weights that do not match the config (missing or
     unexpected keys: transformers would only warn); an unreachable Hub is an `OSError`.
     """
-    if bits not in (None, 4, 8):
-        raise ValueError(f"bits={bits!r}: expected 4 (NF4), 8 (LLM.int8) or None (no quantization)")
+    check_quantization(bits, quant_method)
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: expected one of {sorted(DTYPES)}")
     check_model_source(name_or_path)
     if tokenizer_name_or_path is not None:
         check_model_source(tokenizer_name_or_path, what="tokenizer")
-    device = pick_device(device)
+    device = pick_device("cpu" if device is None and quant_method == "int4" else device)
+    if quant_method == "int4" and device.type != "cpu":
+        raise ValueError(
+            f"device={str(device)!r}: quant_method='int4' runs on the CPU only (torch's CPU int4 kernel); use "
+            "device='cpu' (or None), or quant_method='nf4' (bitsandbytes) on a GPU"
+        )
     if is_local_folder(name_or_path):
         check_model_folder(name_or_path)
     tokenizer_source = tokenizer_name_or_path or name_or_path
@@ -231,7 +258,9 @@ def load_model_and_tokenizer(
     try:
         if bits is not None:
             device_map = "cpu" if device.type == "cpu" else {"": device.index or 0}
-            model = load_checked_model(name_or_path, bits=bits, dtype=dtype, device_map=device_map)
+            model = load_checked_model(
+                name_or_path, bits=bits, dtype=dtype, device_map=device_map, quant_method=quant_method
+            )
         else:
             model = load_checked_model(name_or_path, dtype=dtype).to(device)
         source = tokenizer_source

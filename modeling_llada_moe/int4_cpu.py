@@ -60,6 +60,12 @@ def quantize_int4(weight: torch.Tensor, group_size: int, block_rows: int) -> tup
     rows, columns = weight.shape
     groups = columns // group_size
     w = weight.detach().float().reshape(rows, groups, group_size)
+    if not bool(torch.isfinite(w).all()):
+        # One inf would make its whole group's scale and zero inf (and NaN codes): refuse instead of storing that.
+        raise ValueError(
+            f"cannot quantize a weight with non-finite values ({int((~torch.isfinite(w)).sum())} inf / NaN of "
+            f"{w.numel()}) to int4: the checkpoint is damaged, or was saved from a diverged training run"
+        )
     low, high = w.amin(-1), w.amax(-1)
     scale = torch.where(high > low, (high - low) / 15, torch.ones_like(low)).bfloat16().float()
     zero = (low + 8 * scale).bfloat16().float()
@@ -286,14 +292,22 @@ class Int4Quantize(ConversionOps):
         module = model.get_submodule(prefix)
         rows, columns = value.shape
         # Block by block (an expert at a time): the float temporaries stay a few MiB, not a whole container's.
-        nibbles = torch.empty(rows, columns // 2, dtype=torch.uint8, device=value.device)
+        nibbles = torch.zeros(rows, columns // 2, dtype=torch.uint8, device=value.device)
         pairs = torch.empty(
             rows // module.block_rows, columns // module.group_size, module.block_rows, 2, dtype=torch.bfloat16,
             device=value.device,
         )
-        for block in range(rows // module.block_rows):
-            part = slice(block * module.block_rows, (block + 1) * module.block_rows)
-            nibbles[part], pairs[block : block + 1] = quantize_int4(value[part], module.group_size, module.block_rows)
+        try:
+            for block in range(rows // module.block_rows):
+                part = slice(block * module.block_rows, (block + 1) * module.block_rows)
+                nibbles[part], pairs[block : block + 1] = quantize_int4(
+                    value[part], module.group_size, module.block_rows
+                )
+        except ValueError as error:
+            # transformers would log a raised error and end with a vague RuntimeError: keep it instead (the bytes
+            # stay zero), and the load raises it, naming the weight, once every weight is read
+            # (`_process_model_after_weight_loading`).
+            self.hf_quantizer.failures.append(f"{full_layer_name}: {error}")
         return {full_layer_name: nibbles, f"{prefix}.scales_and_zeros": pairs}
 
 
@@ -341,7 +355,16 @@ class LLaDAInt4Quantizer(HfQuantizer):
         skip = [*DEFAULT_SKIP_MODULES, *self.quantization_config.modules_to_not_convert]
         own_int4_module(model).replace_with_int4_linear(model, self.quantization_config.group_size, skip)
 
+    @property
+    def failures(self) -> list[str]:
+        """Weights whose load-time quantization failed (raised after loading: transformers only logs them)."""
+        if not hasattr(self, "_failures"):
+            self._failures = []
+        return self._failures
+
     def _process_model_after_weight_loading(self, model, **kwargs):
+        if self.failures:
+            raise ValueError("int4 quantization failed while loading: " + "; ".join(self.failures))
         linear_class = own_int4_module(model).Int4Linear
         for module in model.modules():
             if isinstance(module, linear_class):

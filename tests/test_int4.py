@@ -561,3 +561,15 @@ def test_unpack_block_inverts_pack_block(row_blocks, half_columns, seed):
     with time_limit(30):
         packed = pack_block(nibbles)
         assert packed.shape == nibbles.shape and torch.equal(unpack_block(packed), nibbles)
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_non_finite_weight_is_refused_by_name(tmp_path, bad):
+    """One inf / NaN would make its whole group's scale and zero inf / NaN: the load refuses the checkpoint."""
+    config = official_config_dict()
+    state = official_state_dict(config, seed=1)
+    name = next(key for key in state if key.endswith("experts.1.up_proj.weight"))
+    state[name][3, 5] = bad
+    folder = write_official_checkpoint(tmp_path, config, state)
+    with pytest.raises(ValueError, match="non-finite"):
+        load_quantized(folder, mask_token_id=126, **INT4)

@@ -106,13 +106,19 @@ def write_checkpoint(folder: Path, layers: int, seed: int = 0, smoke: bool = Fal
     parameters = sum(p.numel() for p in model.parameters())
     model.save_pretrained(folder, max_shard_size="5GB")  # per-expert keys, as the official checkpoint
     del model
+    official_layout(folder, torch_dtype="bfloat16")
+    (folder / "parameters.txt").write_text(f"{parameters}\n")
+
+
+def official_layout(folder: Path, **fields) -> None:
+    """Turn a folder `save_pretrained` wrote into the official checkpoint's layout: `model_type: "llada"`, the
+    official architectures name, no `auto_map`, no model code or card; `fields` are set in config.json too."""
     saved = json.loads((folder / "config.json").read_text())
-    saved.update(model_type="llada", architectures=["LLaDAMoEModelLM"], torch_dtype="bfloat16")
+    saved.update(model_type="llada", architectures=["LLaDAMoEModelLM"], **fields)
     saved.pop("auto_map", None)  # the official folder's auto_map names its own remote code, not ours
     (folder / "config.json").write_text(json.dumps(saved, indent=2))
     for extra in [*folder.glob("*.py"), folder / "README.md"]:
         extra.unlink(missing_ok=True)
-    (folder / "parameters.txt").write_text(f"{parameters}\n")
 
 
 def measure(folder: Path, mode: str, device: str) -> dict:

@@ -23,7 +23,7 @@ Parts (`--parts`, all by default), every measurement in its own process, the sam
 (`--threads`; llama.cpp `-t` / `-tb`, torch `set_num_threads` and OMP_NUM_THREADS):
 - `speed`: seconds per denoising step, one full forward over the whole canvas, no cache, at `--positions` (64 and
   256; the canvas of a step halfway through an answer: its first half prompt text, the rest masks), llama.cpp BF16 /
-  Q8_0 / Q4_0 against our modes (`OURS`: bf16, int8, nf4) at the same precision, the fastest of ours at each.
+  Q8_0 / Q4_0 against our modes (`OURS`: bf16, int8, nf4, int4: torch's CPU int4 kernel) at the same precision, the fastest of ours at each.
   llama.cpp: the median step time its log stamps (`--log-timestamps`: from one step's start to the next) over
   `--steps` steps after a warm-up step, less its mean sampling time, with the weights read into memory before
   (`-lm none`, no mmap). Ours: the median of `--steps` calls of `model(ids)` under `torch.inference_mode()` after a
@@ -105,6 +105,7 @@ OURS: dict[str, tuple[str, Callable[[Path], object]]] = {
     "bf16": ("bf16", bf16),
     "int8": ("8-bit", quantized(bits=8)),
     "nf4": ("4-bit", quantized(bits=4)),
+    "int4": ("4-bit", quantized(bits=4, method="int4", device_map="cpu")),  # torch's CPU int4 kernel, group 64
 }
 LLAMA = {"bf16": "BF16", "8-bit": "Q8_0", "4-bit": "Q4_0"}  # llama.cpp's type at each precision
 PRECISIONS = tuple(LLAMA)

@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 
 
-MODES = ("bf16", "int8", "nf4", "nf4-bnb")  # nf4-bnb: quantized by bitsandbytes' own CPU kernel (load only)
+MODES = ("bf16", "int8", "nf4", "nf4-bnb", "int4")  # nf4-bnb: bitsandbytes' own CPU quantizer (load only); int4: CPU
 TRAINING_MODES = ("sft-qlora", "vrpo-qlora", "grpo-qlora")  # one QLoRA optimizer step of each trainer
 PROMPT_TOKENS, COMPLETION_TOKENS = 64, 64  # training sequences of 128 tokens
 LORA_R = 16
@@ -137,11 +137,14 @@ def measure(folder: Path, mode: str, device: str) -> dict:
         if mode == "bf16":
             model = LLaDAMoEForMaskedLM.from_pretrained(folder, dtype=torch.bfloat16, device_map=device).eval()
         else:
-            model = load_quantized(folder, bits=8 if mode == "int8" else 4, device_map=device)
+            method = {"int8": "int8", "int4": "int4"}.get(mode, "nf4")
+            model = load_quantized(folder, bits=8 if mode == "int8" else 4, method=method, device_map=device)
     load_s = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() if on_gpu else anon.peak
     bits = None if mode == "bf16" else 8 if mode == "int8" else 4
-    report, estimate = memory_report(model), estimate_memory(model.config, bits, torch.bfloat16)
+    method = {"bf16": None, "int8": "int8", "int4": "int4"}.get(mode, "nf4")
+    report = memory_report(model)
+    estimate = estimate_memory(model.config, bits, torch.bfloat16, method=method)
     figures = dict(
         mode=mode, load_s=load_s, peak_mib=peak / MiB, weights_mib=report.total / MiB, estimate_mib=estimate.total / MiB
     )

@@ -83,14 +83,15 @@ def test_scale_benchmark_runs_a_narrow_one_layer_slice(tmp_path):
     assert '"model_type": "llada"' in config and '"num_experts": 16' in config  # the official layout, narrowed
     loading, training = out.split("\n## One QLoRA step")
     rows = table_rows(loading)
-    assert list(rows)[2:] == ["bf16", "int8", "nf4", "nf4-bnb"]  # after the header and its rule: every mode ran
+    assert list(rows)[2:] == ["bf16", "int8", "nf4", "nf4-bnb", "int4"]  # after the header and its rule: every mode ran
     weights = {mode: [float(mib) for mib in rows[mode][2].split(" / ")] for mode in rows if mode in MODES}
     assert all(report == estimate for report, estimate in weights.values())  # memory_report == estimate_memory
     assert weights["nf4"][0] == weights["nf4-bnb"][0] < weights["int8"][0] < weights["bf16"][0]
-    for mode in ("bf16", "int8", "nf4"):
+    assert weights["nf4"][0] <= weights["int4"][0] <= weights["int8"][0]  # whole MiB: the smoke model is 5 MiB
+    for mode in ("bf16", "int8", "nf4", "int4"):
         assert rows[mode][4].endswith(" (2)")  # 8 new tokens in 2 steps: 2 forwards
         assert float(rows[mode][5].split()[0]) > 0
-    assert rows["bf16"][6] == "–" and all(float(rows[mode][6].split()[0]) > 0 for mode in ("int8", "nf4"))
+    assert rows["bf16"][6] == "–" and all(float(rows[mode][6].split()[0]) > 0 for mode in ("int8", "nf4", "int4"))
     assert rows["nf4-bnb"][3:] == ["–"] * 4  # load only
     # One QLoRA step of each trainer (real trainers, NF4 base): LoRA r=16 on q/k/v/o of the one layer (hidden 256)
     steps = table_rows(training)
@@ -112,4 +113,4 @@ def test_scale_benchmark_runs_a_narrow_one_layer_slice(tmp_path):
     assert abs(float(steps["grpo-qlora"][7])) < 1e-4
 
 
-MODES = ("bf16", "int8", "nf4", "nf4-bnb")
+MODES = ("bf16", "int8", "nf4", "nf4-bnb", "int4")

@@ -33,6 +33,7 @@ from modeling_llada_moe.apps.tiny_task import PAD_ID, SEPARATOR, tiny_model, tin
 from trl_ext import DiffusionGRPOConfig, DiffusionGRPOTrainer
 from trl_ext.scripts import (
     check_script_flags,
+    end_distributed_run,
     fresh_reference,
     load_script_inputs,
     load_script_model,
@@ -219,3 +220,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    end_distributed_run()  # several processes: leave without gloo's teardown (see its docstring)

@@ -30,6 +30,7 @@ from modeling_llada_moe.apps.tiny_task import reversal_examples, tiny_model, tin
 from trl_ext import DiffusionSFTConfig, DiffusionSFTTrainer
 from trl_ext.scripts import (
     check_script_flags,
+    end_distributed_run,
     load_script_inputs,
     script_peft_config,
     set_attn_implementation,
@@ -83,3 +84,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    end_distributed_run()  # several processes: leave without gloo's teardown (see its docstring)

@@ -32,6 +32,7 @@ from modeling_llada_moe.apps.tiny_task import tiny_model, tiny_tokenizer
 from trl_ext import DiffusionSFTConfig, DiffusionSFTTrainer, VRPOConfig, VRPOTrainer
 from trl_ext.scripts import (
     check_script_flags,
+    end_distributed_run,
     fresh_reference,
     load_script_inputs,
     load_script_model,
@@ -124,3 +125,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    end_distributed_run()  # several processes: leave without gloo's teardown (see its docstring)

@@ -171,3 +171,26 @@ def train_and_save(trainer, script_args: ScriptArguments, training_args, evaluat
             print(f"eval loss: {metrics['eval_loss']:.4f}")
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
+
+
+def end_distributed_run() -> None:
+    """End a script launched on several processes (`accelerate launch`, torchrun) once its work is done.
+
+    A process that leaves the interpreter with its gloo process group alive can abort in the group's teardown
+    ("terminate called without an active exception": gloo's worker threads outlive the interpreter, see
+    pytorch/pytorch#179291), and an explicit `destroy_process_group` can block on a peer that is still busy (the main
+    process evaluating while the others are done). So each process runs the exit handlers (trackers, loggers) while
+    the interpreter is alive, flushes its output, and leaves without the interpreter's teardown. A single process
+    returns and exits normally."""
+    import atexit
+    import os
+    import sys
+
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    if torch.distributed.get_world_size() == 1:
+        return
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -60,18 +60,19 @@ def quantize_int4(weight: torch.Tensor, group_size: int, block_rows: int) -> tup
     rows, columns = weight.shape
     groups = columns // group_size
     w = weight.detach().float().reshape(rows, groups, group_size)
-    if not bool(torch.isfinite(w).all()):
+    low, high = torch.aminmax(w, dim=-1)  # one pass; an inf or NaN reaches them (amin / amax propagate NaN)
+    if not bool(torch.isfinite(low).all() and torch.isfinite(high).all()):
         # One inf would make its whole group's scale and zero inf (and NaN codes): refuse instead of storing that.
         raise ValueError(
             f"cannot quantize a weight with non-finite values ({int((~torch.isfinite(w)).sum())} inf / NaN of "
             f"{w.numel()}) to int4: the checkpoint is damaged, or was saved from a diverged training run"
         )
-    low, high = w.amin(-1), w.amax(-1)
     scale = torch.where(high > low, (high - low) / 15, torch.ones_like(low)).bfloat16().float()
     zero = (low + 8 * scale).bfloat16().float()
-    codes = torch.round((w - zero[..., None]) / scale[..., None] + 8).clamp_(0, 15).to(torch.uint8)
-    codes = codes.reshape(rows, columns)
-    nibbles = codes[:, 0::2] | (codes[:, 1::2] << 4)
+    codes = w - zero[..., None]  # a new tensor: the rest in place
+    codes.div_(scale[..., None]).add_(8).round_().clamp_(0, 15)
+    codes = codes.to(torch.uint8).view(rows, columns // 2, 2)
+    nibbles = codes[..., 0] | (codes[..., 1] << 4)
     pairs = torch.stack([scale, zero], -1).bfloat16()  # [N, K/g, 2]
     blocks = rows // block_rows
     pairs = pairs.view(blocks, block_rows, groups, 2).transpose(1, 2).contiguous()

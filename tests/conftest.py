@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -60,6 +61,16 @@ TRANSFORMERS_MARKERS = (
     "flash_attn_4_test",
     "torch_compile_test",
 )
+
+
+def run_python(code: str, *argv, cwd, env: dict[str, str]) -> str:
+    """`python -c code argv...` in a fresh interpreter (its own imports, e.g. without this package on the path);
+    fails the test with its output unless it exits 0, and returns its stdout."""
+    result = subprocess.run(
+        [sys.executable, "-c", code, *map(str, argv)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
 
 
 def pytest_configure(config):

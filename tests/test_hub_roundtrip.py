@@ -2,13 +2,11 @@
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import run_python, tiny_model
 from transformers import AutoModel, AutoModelForMaskedLM, GenerationConfig
 
 from modeling_llada_moe import LLaDAMoEForMaskedLM, LLaDAMoEModel
@@ -127,16 +125,7 @@ def test_remote_code_load_in_a_fresh_process_without_the_package(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
     env["HF_HUB_OFFLINE"] = "1"
-    result = subprocess.run(
-        [sys.executable, "-c", REMOTE_LOAD, str(folder), str(tmp_path / "expected.pt")],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "remote-code load OK" in result.stdout
+    assert "remote-code load OK" in run_python(REMOTE_LOAD, folder, tmp_path / "expected.pt", cwd=tmp_path, env=env)
 
 
 def test_remote_code_folder_saves_again_with_its_code(tmp_path):
@@ -149,14 +138,7 @@ def test_remote_code_folder_saves_again_with_its_code(tmp_path):
         "from transformers import AutoModel\n"
         "AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True).save_pretrained(sys.argv[2])\n"
     )
-    subprocess.run(
-        [sys.executable, "-c", script, str(tmp_path / "first"), str(tmp_path / "second")],
-        cwd=tmp_path,
-        env=env,
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
+    run_python(script, tmp_path / "first", tmp_path / "second", cwd=tmp_path, env=env)
     assert MODEL_FILES <= set(os.listdir(tmp_path / "second"))
     # The folder's own configuration code writes the official class name too.
     assert json.loads((tmp_path / "second" / "config.json").read_text())["architectures"] == ["LLaDAMoEModelLM"]

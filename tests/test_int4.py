@@ -5,13 +5,11 @@ command line, and properties of the quantizer and the packing (hypothesis)."""
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
-from conftest import run_cli, tiny_model
+from conftest import run_cli, run_python, tiny_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from official_reference import official_config_dict, official_state_dict, write_official_checkpoint
@@ -241,16 +239,7 @@ def test_remote_code_reload_without_the_package_is_bit_exact(int4_model, saved_i
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
     argv = [saved_int4, copy, tmp_path / "expected.pt", tmp_path / "saved_by_remote_code"]
-    result = subprocess.run(
-        [sys.executable, "-c", REMOTE_LOAD, *map(str, argv)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "remote-code int4 OK" in result.stdout
+    assert "remote-code int4 OK" in run_python(REMOTE_LOAD, *argv, cwd=tmp_path, env=env)
     saved_again = tmp_path / "saved_by_remote_code" / "model.safetensors"
     assert saved_again.read_bytes() == (saved_int4 / "model.safetensors").read_bytes()
 
@@ -275,16 +264,8 @@ WITHOUT_BITSANDBYTES = textwrap.dedent(
 
 def test_int4_needs_no_bitsandbytes(official_folder, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(
-        [sys.executable, "-c", WITHOUT_BITSANDBYTES, str(official_folder)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "nf4: load_quantized with method='nf4' or 'int8' needs bitsandbytes" in result.stdout
+    out = run_python(WITHOUT_BITSANDBYTES, official_folder, cwd=tmp_path, env=env)
+    assert "nf4: load_quantized with method='nf4' or 'int8' needs bitsandbytes" in out
 
 
 # --- the dequantizing fallbacks ----------------------------------------------------------------------------------

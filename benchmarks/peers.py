@@ -23,7 +23,8 @@ Parts (`--parts`, all by default), every measurement in its own process, the sam
 (`--threads`; llama.cpp `-t` / `-tb`, torch `set_num_threads` and OMP_NUM_THREADS):
 - `speed`: seconds per denoising step, one full forward over the whole canvas, no cache, at `--positions` (64 and
   256; the canvas of a step halfway through an answer: its first half prompt text, the rest masks), llama.cpp BF16 /
-  Q8_0 / Q4_0 against our modes (`OURS`: bf16, int8, nf4, int4: torch's CPU int4 kernel) at the same precision, the fastest of ours at each.
+  Q8_0 / Q4_0 against our modes (`OURS`: bf16, int8, nf4, int4: torch's CPU int4 kernel) at the same precision,
+  the fastest of ours at each.
   llama.cpp: the median step time its log stamps (`--log-timestamps`: from one step's start to the next) over
   `--steps` steps after a warm-up step, less its mean sampling time, with the weights read into memory before
   (`-lm none`, no mmap). Ours: the median of `--steps` calls of `model(ids)` under `torch.inference_mode()` after a
@@ -465,7 +466,8 @@ def users_path(source: Path, tools: Path, work: Path, threads: int) -> list[dict
                     tools, tmp / f"{folder.name}.gguf", prompt, USERS_CANVAS, 1, USERS_CANVAS, threads,
                     extra=("-ctk", "f32", "-ctv", "f32"),
                 )
-                row.update(ran=True, same=run["answer"] in accepted, ties=len(ties), ours=ours_text, llama=run["answer"])
+                same = run["answer"] in accepted
+                row.update(ran=True, same=same, ties=len(ties), ours=ours_text, llama=run["answer"])
             except RuntimeError as error:
                 row.update(converted=row.get("converted", False), ran=False, same=False, error=str(error)[-1500:])
             rows.append(row)

@@ -132,7 +132,8 @@ def main() -> None:
             print("| part | s | share |\n| --- | --- | --- |")
             for name, seconds in row["parts"].items():
                 print(f"| {name} | {seconds:.3f} | {seconds / step:.0%} |")
-            print("\n| operator (self time, one step under the profiler) | s | share | calls |\n| --- | --- | --- | --- |")
+            print("\n| operator (self time, one step under the profiler) | s | share | calls |")
+            print("| --- | --- | --- | --- |")
             for name, seconds, share, calls in row["operators"]:
                 print(f"| {name} | {seconds:.3f} | {share:.0%} | {calls} |")
 

@@ -406,15 +406,22 @@ def preference_report(model, pairs) -> dict[str, float]:
 
 
 def learning_args(tmp_path, **overrides):
-    return vrpo_config(
-        tmp_path,
+    settings = dict(
         per_device_train_batch_size=16,
         num_train_epochs=3,
         num_mc_samples=8,
         lr_scheduler_type="constant",
         logging_steps=8,
-        **overrides,
     )
+    return vrpo_config(tmp_path, **{**settings, **overrides})
+
+
+# The two runs below are sized to pass with a margin on every host, not only where they were tuned: CPUs differ in
+# their fp32 matmul kernels (AVX512 / AMX hosts round differently), and a few hundred optimizer steps carry the
+# difference. Measured on an AMX host over 5 seeds / SFT lengths each: full fine-tuning at 1e-3 for 3 epochs learned
+# only to 0.76-0.79 (ELBO) there, so it runs 5 (0.96-1.00 ELBO, >= 0.90 generates, >= 0.93 answer vocabulary); the
+# LoRA run at 3e-3 over-trained (answer vocabulary 0.77-0.92), so it runs at 2e-3 (>= 0.91 ELBO, >= 0.83 generates,
+# >= 0.95 vocabulary).
 
 
 def pick_first_data():
@@ -435,7 +442,7 @@ def test_learns_the_preference_full_fine_tuning(tmp_path, pick_first_sft):
     trainer = VRPOTrainer(
         policy,
         ref_model=reference,
-        args=learning_args(tmp_path, learning_rate=1e-3, beta=1.0),
+        args=learning_args(tmp_path, learning_rate=1e-3, beta=1.0, num_train_epochs=5),
         train_dataset=pick_first_data(),
         processing_class=tiny_tokenizer(),
     )
@@ -457,7 +464,7 @@ def test_learns_the_preference_with_lora(tmp_path, pick_first_sft):
     frozen = {name: p.clone() for name, p in base.state_dict().items()}
     trainer = VRPOTrainer(
         base,
-        args=learning_args(tmp_path, learning_rate=3e-3, beta=0.5),
+        args=learning_args(tmp_path, learning_rate=2e-3, beta=0.5),
         train_dataset=pick_first_data(),
         processing_class=tiny_tokenizer(),
         peft_config=LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),

@@ -46,6 +46,17 @@ def int4_fits(in_features: int, block_rows: int, group_size: int) -> bool:
     return in_features % group_size == 0 and in_features % 2 == 0 and block_rows % ROW_MULTIPLE == 0
 
 
+def check_cpu_device_map(device_map) -> None:
+    """The kernel is the CPU's: every device of `device_map` must be the CPU (None and "auto" mean it here)."""
+    devices = set(device_map.values()) if isinstance(device_map, dict) else {device_map}
+    if any(str(device) not in ("None", "auto", "cpu") for device in devices):
+        raise ValueError(
+            f"device_map={device_map!r}: method='int4' runs on the CPU only (quant_method={QUANT_METHOD!r}, torch's "
+            "CPU int4 kernel); accepted are 'cpu', 'auto', None or {'': 'cpu'}. On a GPU use bitsandbytes NF4 "
+            "(method='nf4')"
+        )
+
+
 def int4_supported() -> bool:
     """Whether this torch has the CPU int4 kernel."""
     return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(
@@ -71,17 +82,27 @@ def quantize_int4(weight: torch.Tensor, group_size: int, block_rows: int) -> tup
     zero = (low + 8 * scale).bfloat16().float()
     codes = w - zero[..., None]  # a new tensor: the rest in place
     codes.div_(scale[..., None]).add_(8).round_().clamp_(0, 15)
-    codes = codes.to(torch.uint8).view(rows, columns // 2, 2)
-    nibbles = codes[..., 0] | (codes[..., 1] << 4)
+    nibbles = join_nibbles(codes.to(torch.uint8))
     pairs = torch.stack([scale, zero], -1).bfloat16()  # [N, K/g, 2]
     blocks = rows // block_rows
     pairs = pairs.view(blocks, block_rows, groups, 2).transpose(1, 2).contiguous()
     return nibbles.contiguous(), pairs
 
 
+def join_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes [R, K] -> bytes [R, K/2], code 2j in the low nibble of byte j and code 2j+1 in its high one."""
+    pairs = codes.view(codes.shape[0], -1, 2)
+    return pairs[..., 0] | (pairs[..., 1] << 4)
+
+
+def split_nibbles(data: torch.Tensor) -> torch.Tensor:
+    """bytes [R, K/2] -> uint8 codes [R, K]: each byte's low nibble, then its high one (`join_nibbles` undone)."""
+    return torch.stack([data & 15, data >> 4], -1).reshape(data.shape[0], -1)
+
+
 def unpack_nibbles(nibbles: torch.Tensor) -> torch.Tensor:
     """uint8 [R, K/2] plain nibbles -> int32 codes [R, K]."""
-    return torch.stack([nibbles & 15, nibbles >> 4], -1).reshape(nibbles.shape[0], -1).to(torch.int32)
+    return split_nibbles(nibbles).to(torch.int32)
 
 
 @functools.lru_cache(maxsize=8)
@@ -95,7 +116,7 @@ def _packing_order(rows: int, columns: int) -> torch.Tensor:
     for digit in range(digits):
         probe = ((index >> (4 * digit)) & 15).to(torch.int32)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1)
-        order |= torch.stack([packed & 15, packed >> 4], -1).reshape(-1).to(torch.int64) << (4 * digit)
+        order |= split_nibbles(packed).reshape(-1).to(torch.int64) << (4 * digit)
     if not torch.equal(torch.sort(order).values, torch.arange(rows * columns)):
         raise RuntimeError(
             f"torch's int4 packing of a [{rows}, {columns}] weight is not a permutation of its codes; this torch build "
@@ -112,11 +133,9 @@ def pack_block(nibbles: torch.Tensor) -> torch.Tensor:
 def unpack_block(packed: torch.Tensor) -> torch.Tensor:
     """The kernel's packed bytes [R, K/2] -> plain nibbles (exactly the bytes `pack_block` was given)."""
     rows, columns = packed.shape[0], packed.shape[1] * 2
-    held = torch.stack([packed & 15, packed >> 4], -1).reshape(-1)
     codes = torch.empty(rows * columns, dtype=torch.uint8)
-    codes[_packing_order(rows, columns)] = held
-    codes = codes.view(rows, columns)
-    return codes[:, 0::2] | (codes[:, 1::2] << 4)
+    codes[_packing_order(rows, columns)] = split_nibbles(packed).reshape(-1)
+    return join_nibbles(codes.view(rows, columns))
 
 
 class Int4Linear(nn.Module):
@@ -329,16 +348,15 @@ class LLaDAInt4Quantizer(HfQuantizer):
 
     requires_calibration = False
 
+    def __init__(self, quantization_config, **kwargs):
+        super().__init__(quantization_config, **kwargs)
+        # Weights whose load-time quantization failed: raised after loading (transformers would only log them).
+        self.failures: list[str] = []
+
     def validate_environment(self, *args, **kwargs):
         if not int4_supported():
             raise ImportError(f"quant_method={QUANT_METHOD!r} needs torch's CPU int4 kernel (torch >= 2.6)")
-        device_map = kwargs.get("device_map")
-        devices = set(device_map.values()) if isinstance(device_map, dict) else {device_map}
-        if any(device not in (None, "cpu", "auto", torch.device("cpu")) for device in devices):
-            raise ValueError(
-                f"device_map={device_map!r}: quant_method={QUANT_METHOD!r} runs on the CPU only (torch's CPU int4 "
-                "kernel); on a GPU load with bitsandbytes (load_quantized(..., bits=4))"
-            )
+        check_cpu_device_map(kwargs.get("device_map"))
 
     def update_device_map(self, device_map):
         return {"": "cpu"} if device_map in (None, "auto") else device_map
@@ -355,13 +373,6 @@ class LLaDAInt4Quantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, **kwargs):
         skip = [*DEFAULT_SKIP_MODULES, *self.quantization_config.modules_to_not_convert]
         own_int4_module(model).replace_with_int4_linear(model, self.quantization_config.group_size, skip)
-
-    @property
-    def failures(self) -> list[str]:
-        """Weights whose load-time quantization failed (raised after loading: transformers only logs them)."""
-        if not hasattr(self, "_failures"):
-            self._failures = []
-        return self._failures
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         if self.failures:
@@ -387,10 +398,6 @@ def register_int4_method() -> None:
     """Make `quant_method: "llada_int4"` known to transformers (idempotent: remote code may import this twice)."""
     AUTO_QUANTIZATION_CONFIG_MAPPING.setdefault(QUANT_METHOD, LLaDAInt4Config)
     AUTO_QUANTIZER_MAPPING.setdefault(QUANT_METHOD, LLaDAInt4Quantizer)
-
-
-def is_int4_container(linear: nn.Module) -> bool:
-    return isinstance(linear, Int4Linear)
 
 
 __all__ = [

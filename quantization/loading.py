@@ -11,6 +11,7 @@ import torch
 
 from modeling_llada_moe import LLaDAMoEForMaskedLM
 from modeling_llada_moe.int4_cpu import QUANT_METHOD as INT4_QUANT_METHOD
+from modeling_llada_moe.int4_cpu import check_cpu_device_map
 
 from .fast_quantize import fast_4bit_quantization
 from .presets import (
@@ -112,16 +113,6 @@ def _default_compute_dtype(device_map) -> torch.dtype:
     return torch.bfloat16
 
 
-def _check_cpu_device_map(device_map) -> None:
-    """torch's int4 kernel is CPU-only: every device of `device_map` must be the CPU."""
-    devices = set(device_map.values()) if isinstance(device_map, dict) else {device_map}
-    if any(str(device) not in ("None", "auto", "cpu") for device in devices):
-        raise ValueError(
-            f"device_map={device_map!r}: method='int4' runs on the CPU only (torch's CPU int4 kernel); accepted "
-            "are 'cpu', 'auto', None or {'': 'cpu'}. On a GPU use method='nf4' (bitsandbytes)"
-        )
-
-
 def _require_bitsandbytes() -> None:
     try:
         import bitsandbytes  # noqa: F401
@@ -171,7 +162,7 @@ def load_quantized(
         method = _check_saved(path_or_repo, saved, bits, requested, group_size, double_quant)
     check_method_options(method, double_quant, group_size)
     if method == "int4":
-        _check_cpu_device_map(device_map)
+        check_cpu_device_map(device_map)  # before reading any weight
         device_map = "cpu"
     else:
         _require_bitsandbytes()

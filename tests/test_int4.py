@@ -554,3 +554,12 @@ def test_non_finite_weight_is_refused_by_name(tmp_path, bad):
     folder = write_official_checkpoint(tmp_path, config, state)
     with pytest.raises(ValueError, match="non-finite"):
         load_quantized(folder, mask_token_id=126, **INT4)
+
+
+@pytest.mark.parametrize("device_map", ["cuda", {"": 0}])
+def test_from_pretrained_with_the_int4_config_refuses_a_gpu_device_map(official_folder, device_map):
+    """Without load_quantized, transformers' quantizer runs the same CPU check before reading a weight."""
+    with pytest.raises(ValueError, match="method='int4' runs on the CPU only"):
+        LLaDAMoEForMaskedLM.from_pretrained(
+            official_folder, quantization_config=LLaDAInt4Config(group_size=32), device_map=device_map
+        )
